@@ -1,0 +1,3 @@
+from hpc_sparse.cli import main
+
+raise SystemExit(main())
