@@ -1,0 +1,155 @@
+"""``hpc-sparse`` / ``python -m hpc_sparse``: train, evaluate, info, config-help.
+
+Exit status: 0 success; 2 bad input (config, data, checkpoint; one line on stderr naming
+the fix); 75 stopped by a signal after checkpointing (requeue me); 1 anything else.
+Under MPI, an error on any rank aborts the whole job at once with that rank's message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hpc_sparse import __version__
+from hpc_sparse.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hpc-sparse", description="Truly sparse neural network training with MPI.")
+    ap.add_argument("--version", action="version", version=f"hpc_sparse {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train a network (run under mpiexec/srun for several ranks)")
+    tr.add_argument("--config", help="TOML config file (see configs/)")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config key (repeatable), e.g. --set train.lr=0.05")
+    tr.add_argument("--run-dir", required=True, help="output folder: metrics.jsonl, summary.json, checkpoints/")
+    tr.add_argument("--resume", metavar="auto|PATH",
+                    help="'auto': continue from the newest valid checkpoint in --run-dir (or start fresh); "
+                         "PATH: continue from that checkpoint folder")
+    tr.add_argument("--quiet", action="store_true", help="no progress output")
+
+    ev = sub.add_parser("evaluate", help="test loss and accuracy of a run's newest valid checkpoint")
+    ev.add_argument("--run-dir", required=True)
+    ev.add_argument("--checkpoint", help="a specific checkpoint folder instead of the newest valid one")
+
+    inf = sub.add_parser("info", help="layer shapes, nnz, density, neurons, config and checkpoints of a run")
+    inf.add_argument("--run-dir", required=True)
+
+    sub.add_parser("config-help", help="list every config key with its default and meaning")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "config-help":
+        from hpc_sparse.config import describe
+
+        for key, default, text in describe():
+            print(f"{key:28s} {default:24s} {text}")
+        return 0
+
+    from hpc_sparse.parallel import comm as pc
+
+    comm = pc.world()
+    try:
+        if args.command == "train":
+            return _train(args, comm)
+        if args.command == "evaluate":
+            return _evaluate(args, comm)
+        return _info(args)
+    except UserError as exc:
+        pc.abort_on_error(comm, exc, EXIT_USER_ERROR)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - any failure on any rank must end the whole job
+        if isinstance(exc, SystemExit):
+            raise
+        if comm.Get_size() > 1:
+            import traceback
+
+            traceback.print_exc()
+            pc.abort_on_error(comm, exc, 1)
+        raise
+
+
+def _train(args: argparse.Namespace, comm) -> int:  # noqa: ANN001
+    from hpc_sparse.config import load_config
+    from hpc_sparse.train import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    return Trainer(cfg, comm, Path(args.run_dir), quiet=args.quiet).run(args.resume)
+
+
+def _load_run(run_dir: Path, checkpoint: str | None):  # noqa: ANN202
+    from hpc_sparse.checkpoint import find_latest_valid, load_checkpoint
+    from hpc_sparse.config import config_from_dict
+    from hpc_sparse.model_builder import model_from_state
+
+    if checkpoint:
+        path = Path(checkpoint)
+    else:
+        if not run_dir.is_dir():
+            raise UserError(f"run dir '{run_dir}' does not exist; fix: pass the --run-dir of a training run")
+        path, _ = find_latest_valid(run_dir)
+        if path is None:
+            raise UserError(f"no valid checkpoint in '{run_dir}'; fix: train with checkpoint.at_end=true "
+                            "(the default) or pass --checkpoint")
+    state, manifest, _ = load_checkpoint(path)
+    cfg = config_from_dict(manifest["meta"]["config"])
+    return cfg, model_from_state(cfg, state, str(path)), manifest, path
+
+
+def _evaluate(args: argparse.Namespace, comm) -> int:  # noqa: ANN001
+    from hpc_sparse.data import load_dataset
+    from hpc_sparse.train import configure_threads, evaluate
+
+    cfg, model, manifest, path = _load_run(Path(args.run_dir), args.checkpoint)
+    configure_threads(cfg, comm)
+    data = load_dataset(cfg.data)
+    loss, acc = evaluate(model, data, comm, cfg.train.eval_batch_size)
+    if comm.Get_rank() == 0:
+        print(json.dumps({"checkpoint": str(path), "step": manifest["step"], "test_loss": loss,
+                          "test_accuracy": acc, "n_test": int(data.x_test.shape[0]),
+                          "model_sha256": model.sha256()}))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from hpc_sparse.checkpoint import list_checkpoints
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run dir '{run_dir}' does not exist; fix: pass the --run-dir of a training run")
+    checkpoints = list_checkpoints(run_dir)
+    print(f"run dir: {run_dir}")
+    print("checkpoints:" if checkpoints else "checkpoints: none")
+    for c in checkpoints:
+        state = "valid" if c["valid"] else f"INVALID ({c['reason']})"
+        print(f"  {Path(c['path']).name}  step {c['step']}  epoch {c['epoch']}  ranks {c['n_ranks']}  "
+              f"{c['bytes'] / 1e6:.1f} MB  {state}")
+    if any(c["valid"] for c in checkpoints):
+        cfg, model, manifest, path = _load_run(run_dir, None)
+        print(f"model (from {path.name}):")
+        print(f"  {'layer':>5} {'n_in':>10} {'n_out':>10} {'nnz':>12} {'density':>10}")
+        for l, layer in enumerate(model.layers):
+            n_in, n_out = layer.shape
+            print(f"  {l:>5} {n_in:>10,} {n_out:>10,} {layer.nnz:>12,} {layer.nnz / (n_in * n_out):>10.5f}")
+        print(f"  widths {list(model.widths)}; hidden neurons {model.hidden_neurons:,}; nnz {model.nnz:,}")
+        print(f"  model_sha256 {model.sha256()}")
+        print(f"config: {json.dumps(cfg.to_dict(), sort_keys=True)}")
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        print(f"summary: test_accuracy {s.get('test_accuracy')} after {s.get('epochs_completed')} epochs; "
+              f"model_sha256 {s.get('model_sha256')}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

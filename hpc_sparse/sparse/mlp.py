@@ -1,0 +1,252 @@
+"""``SparseMLP``: a stack of :class:`SparseLinear` layers with hidden activations and softmax output.
+
+Samples enter as ``x`` of shape ``(B, n_features)``; internally every activation is
+feature-major ``(width, B)`` (see :mod:`hpc_sparse.sparse.kernels`). Buffers for a batch
+size are allocated once and reused across steps; only a change of widths (importance
+pruning) or of batch size allocates again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hpc_sparse.sparse import activations as act
+from hpc_sparse.sparse import kernels
+from hpc_sparse.sparse.linear import SparseLinear
+from hpc_sparse.sparse.loss import softmax_xent
+from hpc_sparse.sparse.optim import SGD
+
+
+@dataclass
+class _Buffers:
+    """Activation-sized scratch for one batch size: per layer z, a, keep and delta."""
+
+    batch: int
+    widths: tuple[int, ...]
+    x: np.ndarray = field(init=False)
+    z: list[np.ndarray] = field(init=False)
+    a: list[np.ndarray] = field(init=False)
+    keep: list[np.ndarray] = field(init=False)
+    delta: list[np.ndarray] = field(init=False)
+    gbias: list[np.ndarray] = field(init=False)
+    losses: np.ndarray = field(init=False)
+    correct: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        b, w = self.batch, self.widths
+        self.x = np.empty((w[0], b), np.float32)
+        self.z = [np.empty((n, b), np.float32) for n in w[1:]]
+        self.a = [np.empty((n, b), np.float32) for n in w[1:-1]]
+        self.keep = [np.empty((n, b), np.uint8) for n in w[1:-1]]
+        self.delta = [np.empty((n, b), np.float32) for n in w[1:]]
+        self.gbias = [np.empty(n, np.float32) for n in w[1:]]
+        self.losses = np.empty(b, np.float64)
+        self.correct = np.empty(b, np.uint8)
+
+
+@dataclass
+class StepResult:
+    """Summed loss and number correct over one batch (sums, so they reduce exactly across ranks)."""
+
+    loss_sum: float
+    correct: int
+    count: int
+
+
+class SparseMLP:
+    """Truly sparse multilayer perceptron.
+
+    Parameters
+    ----------
+    layers : list of SparseLinear
+        ``layers[l].weight`` has shape ``(widths[l], widths[l+1])``.
+    activations : list of Activation
+        One per hidden layer (``len(layers) - 1``).
+    dropout : float
+        Inverted-dropout rate on hidden outputs during training.
+    """
+
+    def __init__(self, layers: list[SparseLinear], activations: list[act.Activation], dropout: float = 0.0) -> None:
+        if len(activations) != len(layers) - 1:
+            raise ValueError(f"{len(layers)} layers need {len(layers) - 1} hidden activations")
+        self.layers = layers
+        self.activations = activations
+        self.dropout = float(dropout)
+        self._buffers: dict[int, _Buffers] = {}
+        self._last_train_batch = 0
+        self.check_shapes()
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return (self.layers[0].shape[0],) + tuple(l.shape[1] for l in self.layers)
+
+    @property
+    def nnz(self) -> int:
+        return sum(l.nnz for l in self.layers)
+
+    @property
+    def hidden_neurons(self) -> int:
+        return sum(self.widths[1:-1])
+
+    def check_shapes(self) -> None:
+        for l, (a, b) in enumerate(zip(self.layers[:-1], self.layers[1:])):
+            if a.shape[1] != b.shape[0]:
+                raise ValueError(f"layer {l} outputs {a.shape[1]} but layer {l + 1} takes {b.shape[0]}")
+
+    def topology_changed(self) -> None:
+        """Drop cached buffers after widths changed (importance pruning)."""
+        self._buffers.clear()
+
+    def _bufs(self, batch: int) -> _Buffers:
+        buf = self._buffers.get(batch)
+        if buf is None or buf.widths != self.widths:
+            # keep at most the training and the evaluation batch sizes alive
+            if len(self._buffers) >= 3:
+                self._buffers.clear()
+            buf = self._buffers[batch] = _Buffers(batch, self.widths)
+        return buf
+
+    # ------------------------------------------------------------------- compute
+    def _forward(self, x: np.ndarray, buf: _Buffers, dropout_key: np.uint64 | None) -> np.ndarray:
+        """Run the network on x (B, n_in); returns the logits buffer (C, B)."""
+        np.copyto(buf.x, x.T)
+        a_prev = buf.x
+        p = self.dropout if dropout_key is not None else 0.0
+        threshold = np.uint64(int(p * 2.0 ** 32))
+        scale = np.float32(1.0 / (1.0 - p))
+        last = len(self.layers) - 1
+        for l, layer in enumerate(self.layers):
+            z = layer.forward(a_prev, buf.z[l])
+            if l == last:
+                return z
+            f = self.activations[l]
+            if p > 0:
+                key = np.uint64((int(dropout_key) + l * 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF)
+                act.activate_dropout(z, f.kind, np.float32(f.slope), threshold, scale, key, buf.a[l], buf.keep[l])
+            else:
+                act.activate(z, f.kind, np.float32(f.slope), buf.a[l])
+            a_prev = buf.a[l]
+        raise AssertionError("unreachable")
+
+    def _backward(self, buf: _Buffers, use_dropout: bool, sgd: SGD | None,
+                  grads: list[np.ndarray] | None) -> None:
+        """Back-propagate ``buf.delta[-1]``. With ``sgd`` the fused SDDMM+momentum update is
+        applied to every layer; otherwise the weight gradients go into ``grads``."""
+        scale = np.float32(1.0 / (1.0 - self.dropout)) if use_dropout else np.float32(1.0)
+        for l in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[l]
+            w = layer.weight
+            delta = buf.delta[l]
+            a_prev = buf.a[l - 1] if l > 0 else buf.x
+            kernels.row_sums(delta, buf.gbias[l])
+            if l > 0:  # gradient into the layer below must use W before its update
+                f = self.activations[l - 1]
+                act.spmm_backward_act(w.indptr, w.indices, w.data, delta, buf.z[l - 1], buf.keep[l - 1],
+                                      f.kind, np.float32(f.slope), scale, use_dropout, buf.delta[l - 1])
+            if sgd is None:
+                assert grads is not None
+                kernels.sddmm(w.indptr, w.indices, a_prev, delta, grads[l])
+            else:
+                lr, mu, dec = np.float32(sgd.lr), np.float32(sgd.momentum), np.float32(sgd.weight_decay)
+                kernels.sddmm_sgd_update(w.indptr, w.indices, a_prev, delta, w.data, layer.w_velocity,
+                                         lr, mu, dec, sgd.nesterov)
+                kernels.dense_sgd_update(buf.gbias[l], layer.bias, layer.b_velocity, lr, mu, dec, sgd.nesterov)
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, sgd: SGD, dropout_key: np.uint64 | None) -> StepResult:
+        """One SGD step on the batch x (B, n_in) float32, y (B,) int; updates weights in place.
+
+        ``dropout_key`` (see :func:`activations.dropout_key`) seeds this step's dropout
+        masks; ``None`` disables dropout. Returns the batch's summed loss and hits.
+        """
+        buf = self._bufs(x.shape[0])
+        self._last_train_batch = x.shape[0]
+        use_dropout = dropout_key is not None and self.dropout > 0
+        logits = self._forward(x, buf, dropout_key if use_dropout else None)
+        softmax_xent(logits, y, buf.delta[-1], buf.losses, buf.correct)
+        self._backward(buf, use_dropout, sgd, None)
+        return StepResult(float(buf.losses.sum()), int(buf.correct.sum()), x.shape[0])
+
+    def gradients(self, x: np.ndarray, y: np.ndarray, dropout_key: np.uint64 | None = None
+                  ) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
+        """Mean loss and its gradients without updating: (loss, [dW data (nnz,)], [db (n_out,)])."""
+        buf = self._bufs(x.shape[0])
+        use_dropout = dropout_key is not None and self.dropout > 0
+        logits = self._forward(x, buf, dropout_key if use_dropout else None)
+        softmax_xent(logits, y, buf.delta[-1], buf.losses, buf.correct)
+        grads = [np.empty(l.nnz, np.float32) for l in self.layers]
+        self._backward(buf, use_dropout, None, grads)
+        return float(buf.losses.mean()), grads, [g.copy() for g in buf.gbias]
+
+    def last_batch(self) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+        """Inputs (width_l, B) and output deltas (width_{l+1}, B) of every layer from the most
+        recent training step, or None if there is none; RigL scores missing connections
+        from them. Note: ``delta`` of layer l is the gradient w.r.t. its pre-activation."""
+        buf = self._buffers.get(self._last_train_batch)
+        if buf is None or buf.widths != self.widths:
+            return None
+        return [buf.x] + buf.a, buf.delta
+
+    def predict_logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits (B, C) for x (B, n_in), without dropout. Returns a copy."""
+        buf = self._bufs(x.shape[0])
+        return self._forward(x, buf, None).T.copy()
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> StepResult:
+        """Summed cross-entropy and hits over (x, y), in batches, without dropout."""
+        loss, hits = 0.0, 0
+        for lo in range(0, x.shape[0], batch_size):
+            xb, yb = x[lo:lo + batch_size], y[lo:lo + batch_size]
+            buf = self._bufs(xb.shape[0])
+            logits = self._forward(xb, buf, None)
+            softmax_xent(logits, yb, buf.delta[-1], buf.losses, buf.correct)
+            loss += float(buf.losses.sum())
+            hits += int(buf.correct.sum())
+        return StepResult(loss, hits, int(x.shape[0]))
+
+    def sha256(self) -> str:
+        """SHA-256 over every layer's canonical bytes in layer order (see SparseLinear.fingerprint)."""
+        h = hashlib.sha256()
+        for layer in self.layers:
+            layer.fingerprint(h)
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, object]:
+        """Arrays that define the model and its optimizer state (no copies of CSR data):
+        ``layers/<l>/W`` (csr), ``W_velocity`` (nnz,), ``b`` (n_out,), ``b_velocity``."""
+        out: dict[str, object] = {}
+        for l, layer in enumerate(self.layers):
+            out[f"layers/{l}/W"] = layer.weight
+            out[f"layers/{l}/W_velocity"] = layer.w_velocity
+            out[f"layers/{l}/b"] = layer.bias
+            out[f"layers/{l}/b_velocity"] = layer.b_velocity
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, object], activations: list[act.Activation],
+                        dropout: float) -> "SparseMLP":
+        """Rebuild a model from :meth:`state_dict` output (e.g. a loaded checkpoint)."""
+        n_layers = len([k for k in state if k.endswith("/W") and k.startswith("layers/")])
+        layers = [SparseLinear(state[f"layers/{l}/W"], state[f"layers/{l}/b"],  # type: ignore[arg-type]
+                               state[f"layers/{l}/W_velocity"], state[f"layers/{l}/b_velocity"])  # type: ignore[arg-type]
+                  for l in range(n_layers)]
+        return cls(layers, activations, dropout)
+
+    def parameter_arrays(self) -> list[np.ndarray]:
+        """The float32 arrays replicas average: per layer W.data, W momentum, b, b momentum."""
+        out = []
+        for layer in self.layers:
+            out += [layer.weight.data, layer.w_velocity, layer.bias, layer.b_velocity]
+        return out
+
+    def topology_arrays(self) -> tuple[list[np.ndarray], list[str]]:
+        """Index arrays that must agree across ranks, with their names."""
+        arrays, names = [], []
+        for l, layer in enumerate(self.layers):
+            arrays += [layer.weight.indptr, layer.weight.indices]
+            names += [f"layers/{l}/W.indptr", f"layers/{l}/W.indices"]
+        return arrays, names

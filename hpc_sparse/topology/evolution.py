@@ -1,0 +1,95 @@
+"""SET topology evolution: prune the weakest fraction zeta of a layer, regrow as many.
+
+Prune rule (SET; PAPER.md §1, from the paper's code): among the negative weights remove
+the ``floor(zeta * n_neg)`` closest to zero (the largest negatives), among the positive
+weights the ``floor(zeta * n_pos)`` closest to zero (the smallest positives); exact zeros
+are always removed. This is not a global |w| ranking: each sign loses the same fraction.
+
+Regrowth is uniform over the empty slots (SET) or by gradient magnitude (RigL, see
+:mod:`hpc_sparse.topology.rigl`). Survivors keep their momentum; new connections start
+with zero momentum. All of it is O(nnz) (plus argpartition), never O(n_in * n_out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from hpc_sparse.sparse.linear import SparseLinear
+from hpc_sparse.topology.init import init_values
+from hpc_sparse.topology.sampling import free_slots_to_positions, merge_rows, sample_distinct
+
+
+@dataclass
+class Pruned:
+    """A layer's pattern after pruning: CSR arrays of the survivors and their momentum."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    velocity: np.ndarray
+    shape: tuple[int, int]
+    removed: int
+
+
+def set_keep_mask(data: np.ndarray, zeta: float) -> np.ndarray:
+    """Boolean (nnz,) mask of the connections SET keeps at drop fraction ``zeta``."""
+    keep = data != 0
+    for sign in (-1, 1):
+        idx = np.flatnonzero(data < 0) if sign < 0 else np.flatnonzero(data > 0)
+        k = int(zeta * idx.size)
+        if k == 0:
+            continue
+        # distance to zero on this side; the k smallest distances go
+        dist = -data[idx] if sign < 0 else data[idx]
+        drop = idx[np.argpartition(dist, k - 1)[:k]] if k < idx.size else idx
+        keep[drop] = False
+    return keep
+
+
+def prune_by_mask(layer: SparseLinear, keep: np.ndarray) -> Pruned:
+    """Survivors of ``layer`` where ``keep`` (nnz,) is True, momentum aligned."""
+    w = layer.weight
+    n_in = w.shape[0]
+    row_of = np.repeat(np.arange(n_in), np.diff(w.indptr))
+    counts = np.bincount(row_of[keep], minlength=n_in)
+    indptr = np.zeros(n_in + 1, w.indptr.dtype)
+    np.cumsum(counts, out=indptr[1:])
+    return Pruned(indptr, w.indices[keep], w.data[keep], layer.w_velocity[keep], w.shape,
+                  int(w.nnz - np.count_nonzero(keep)))
+
+
+def grow(layer: SparseLinear, pruned: Pruned, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
+    """Install ``pruned`` plus new entries at (rows, cols) (row-major sorted, all empty) into ``layer``."""
+    n_in, n_out = pruned.shape
+    nnz = pruned.indices.size + rows.size
+    idt = pruned.indices.dtype
+    out_indptr = np.empty(n_in + 1, np.int64)
+    out_indices = np.empty(nnz, idt)
+    out_data = np.empty(nnz, np.float32)
+    out_vel = np.empty(nnz, np.float32)
+    merge_rows(pruned.indptr, pruned.indices, pruned.data, pruned.velocity,
+               rows.astype(np.int64), cols.astype(idt), values.astype(np.float32), n_in,
+               out_indptr, out_indices, out_data, out_vel)
+    w = sp.csr_matrix((out_data, out_indices, out_indptr.astype(idt)), shape=(n_in, n_out))
+    layer.set_weight(w, out_vel)
+
+
+def random_empty_positions(rng: np.random.Generator, pruned: Pruned, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` distinct empty slots of ``pruned``, uniform, row-major sorted (rows, cols)."""
+    n_in, n_out = pruned.shape
+    free = n_in * n_out - pruned.indices.size
+    ranks = sample_distinct(rng, free, min(count, free))
+    return free_slots_to_positions(pruned.indptr, pruned.indices, n_out, ranks)
+
+
+def evolve_set(layer: SparseLinear, zeta: float, rng: np.random.Generator, init: str) -> int:
+    """One SET step on ``layer`` in place: prune at ``zeta``, regrow as many at random empty
+    slots with fresh values from the init distribution. Returns the number replaced."""
+    pruned = prune_by_mask(layer, set_keep_mask(layer.weight.data, zeta))
+    rows, cols = random_empty_positions(rng, pruned, pruned.removed)
+    n_in, n_out = pruned.shape
+    grow(layer, pruned, rows, cols, init_values(rng, rows.size, n_in, n_out, init))
+    return pruned.removed
