@@ -156,6 +156,10 @@ class Trainer:
     # ------------------------------------------------------------------- loop
     def run(self, resume: str | None = None) -> int:
         """Train to the end (exit 0) or until a stop signal (checkpoint, exit EXIT_REQUEUE)."""
+        if self.cfg.parallel.mode == "wasap":
+            from hpc_sparse.train_wasap import run_wasap
+
+            return run_wasap(self, resume)
         data = self._start(resume)
         cfg, p = self.cfg, self.progress
         n_train = self._n_train_cache = data.x_train.shape[0]
