@@ -72,8 +72,8 @@ class TrainConfig:
     lr: float = _f(0.01, "SGD learning rate", min=0.0, exclusive_min=True)
     momentum: float = _f(0.9, "SGD momentum mu in v <- mu*v - lr*g", min=0.0, max=0.999)
     nesterov: bool = _f(False, "Nesterov momentum: w <- w + mu*v - lr*g instead of w <- w + v")
-    weight_decay: float = _f(0.0, "decay lambda applied each step as w <- w - lambda*w, not scaled by "
-                                  "lr, as in the paper's code (its sequential demo uses 0.0002)",
+    weight_decay: float = _f(0.0, "L2 weight decay lambda, added to the gradient as lambda*w (PyTorch's "
+                                  "SGD convention; the paper's code subtracts lambda*w unscaled by lr)",
                              min=0.0, max=0.1)
     eval_batch_size: int = _f(1000, "samples per evaluation batch", min=1)
     threads: int = _f(0, "compute threads per rank; 0 = cores on the node / ranks on the node "

@@ -80,8 +80,8 @@ def sddmm(indptr, indices, a, delta, out):  # pragma: no cover - numba
 def sddmm_sgd_update(indptr, indices, a, delta, data, velocity, lr, mu, decay, nesterov):  # pragma: no cover
     """Fused SDDMM gradient + momentum SGD step, without materialising the gradient.
 
-    For each stored k: g = sum_b a[row, b] * delta[col, b];
-    v <- mu*v - lr*g;  w <- w + (mu*v - lr*g if nesterov else v) - decay*w.
+    For each stored k: g = sum_b a[row, b] * delta[col, b] + decay * w  (L2 weight decay);
+    v <- mu*v - lr*g;  w <- w + (mu*v - lr*g if nesterov else v).
     ``delta`` must already carry the 1/batch factor of the mean loss.
     """
     n_in = indptr.shape[0] - 1
@@ -92,23 +92,22 @@ def sddmm_sgd_update(indptr, indices, a, delta, data, velocity, lr, mu, decay, n
             g = np.float32(0.0)
             for b in range(nb):
                 g += a[i, b] * delta[c, b]
+            w = data[k]
+            g += decay * w
             v = mu * velocity[k] - lr * g
             velocity[k] = v
-            w = data[k]
-            step = mu * v - lr * g if nesterov else v
-            data[k] = w + step - decay * w
+            data[k] = w + (mu * v - lr * g if nesterov else v)
 
 
 @njit(**_OPTS)
 def dense_sgd_update(grad, data, velocity, lr, mu, decay, nesterov):  # pragma: no cover - numba
     """Momentum SGD on a dense vector (biases), same rule as :func:`sddmm_sgd_update`."""
     for k in range(data.shape[0]):
-        g = grad[k]
+        w = data[k]
+        g = grad[k] + decay * w
         v = mu * velocity[k] - lr * g
         velocity[k] = v
-        w = data[k]
-        step = mu * v - lr * g if nesterov else v
-        data[k] = w + step - decay * w
+        data[k] = w + (mu * v - lr * g if nesterov else v)
 
 
 @njit(parallel=True, **_OPTS)

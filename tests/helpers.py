@@ -1,0 +1,43 @@
+"""Small builders shared by the tests: random sparse layers, tiny networks and dense references."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from hpc_sparse.sparse import SparseLinear, SparseMLP, hidden_activations
+from hpc_sparse.topology import erdos_renyi
+
+
+def random_csr(rng: np.random.Generator, n_in: int, n_out: int, density: float, idx=np.int32) -> sp.csr_matrix:
+    w = sp.random(n_in, n_out, density=density, format="csr", random_state=rng, dtype=np.float32)
+    w.data = rng.uniform(-1, 1, w.nnz).astype(np.float32)
+    w.indices = w.indices.astype(idx)
+    w.indptr = w.indptr.astype(idx)
+    return w
+
+
+def tiny_mlp(widths=(12, 9, 7, 4), activation="allrelu", alpha=0.6, dropout=0.0, epsilon=3.0, seed=0) -> SparseMLP:
+    rng = np.random.default_rng(seed)
+    layers = [SparseLinear(erdos_renyi(rng, a, b, epsilon, "he_uniform"),
+                           rng.uniform(-0.2, 0.2, b).astype(np.float32))
+              for a, b in zip(widths[:-1], widths[1:])]
+    return SparseMLP(layers, hidden_activations(activation, alpha, len(widths) - 2), dropout)
+
+
+def dense_forward(model: SparseMLP, x: np.ndarray, weights=None, biases=None) -> np.ndarray:
+    """float64 numpy reference of the network's logits (B, C), without dropout."""
+    weights = weights or [l.weight.toarray().astype(np.float64) for l in model.layers]
+    biases = biases or [l.bias.astype(np.float64) for l in model.layers]
+    a = x.astype(np.float64)
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        z = a @ w + b
+        a = model.activations[l](z) if l < len(weights) - 1 else z
+    return a
+
+
+def dense_loss(model: SparseMLP, x: np.ndarray, y: np.ndarray, weights=None, biases=None) -> float:
+    z = dense_forward(model, x, weights, biases)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean())

@@ -1,0 +1,130 @@
+"""Collective checkpoint tests that hold at any communicator size.
+
+Run as ``pytest tests/mpi/test_checkpoint_mpi.py`` (one rank) and under
+``mpiexec -n 2|3 python -m mpi4py -m pytest tests/mpi/test_checkpoint_mpi.py``.
+Every test does all its collectives unconditionally and only then asserts on gathered results,
+so a failing assertion on one rank cannot leave the other ranks waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+MPI = pytest.importorskip("mpi4py.MPI")
+
+from hpc_sparse.checkpoint import (  # noqa: E402
+    CheckpointError,
+    checkpoint_dir,
+    find_latest_valid,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def comm():
+    dup = MPI.COMM_WORLD.Dup()  # isolate our collectives from anything else on COMM_WORLD
+    yield dup
+    dup.Free()
+
+
+@pytest.fixture
+def run_dir(comm):
+    """A folder shared by all ranks (rank 0 creates it, everyone gets its name)."""
+    path = tempfile.mkdtemp(prefix="ckpt-mpi-") if comm.rank == 0 else None
+    path = Path(comm.bcast(path, root=0))
+    yield path
+    comm.Barrier()
+    if comm.rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def make_state(n_layers=5):
+    """The same replica on every rank: built from a fixed seed."""
+    rng = np.random.default_rng(1234)
+    state = {}
+    for i in range(n_layers):
+        w = sp.random(40 + i, 30, density=0.2, format="csr", dtype=np.float32, random_state=rng)
+        state[f"layers/{i}/W"] = w
+        state[f"layers/{i}/b"] = rng.standard_normal(30).astype(np.float32)
+        state[f"opt/{i}/W_momentum"] = np.zeros(w.nnz, dtype=np.float32)
+    state["layers/4/W"] = sp.csr_matrix((44, 30), dtype=np.float32)  # 0 nnz
+    state["step_count"] = np.array(17, dtype=np.int64)
+    return state
+
+
+def fingerprint(state):
+    """SHA-256 over every array's bytes, shapes and dtypes, in key order."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        x = state[key]
+        parts = [x.data, x.indices, x.indptr, np.asarray(x.shape)] if sp.issparse(x) else [x]
+        for p in parts:
+            h.update(f"{key}:{p.dtype.str}:{p.shape}".encode())
+            h.update(np.ascontiguousarray(p).tobytes())
+    return h.hexdigest()
+
+
+def test_each_rank_writes_a_disjoint_shard_and_all_read_the_same(comm, run_dir):
+    state = make_state()
+    path = save_checkpoint(comm, run_dir, 10, state, {"epoch": 1, "config": {"n": comm.size}},
+                           rank_state={"rank": np.array([comm.rank], dtype=np.int64)})
+    loaded, manifest, mine = load_checkpoint(path, rank=comm.rank)
+    shard_files = sorted(p.name for p in path.glob("shard-*.h5"))
+    seen = comm.allgather((str(path), fingerprint(loaded), mine["rank"].tolist()))
+    assert [s[0] for s in seen] == [str(path)] * comm.size
+    assert {s[1] for s in seen} == {fingerprint(state)}
+    assert [s[2] for s in seen] == [[r] for r in range(comm.size)]
+    assert manifest["n_ranks"] == comm.size
+    assert shard_files == [f"shard-{r:05d}-of-{comm.size:05d}.h5" for r in range(comm.size)]
+    keys = [k for shard in manifest["shards"] for k in shard["keys"]]
+    assert sorted(keys) == sorted(state)  # each key in exactly one shard
+    assert all(manifest["arrays"][k]["shard"] == s["rank"] for s in manifest["shards"] for k in s["keys"])
+
+
+def test_files_do_not_depend_on_the_readers_size(comm, run_dir):
+    """A P-rank save equals a 1-rank save, whatever the size of the job that reads it."""
+    state = make_state()
+    wide = save_checkpoint(comm, run_dir / "wide", 3, state, {"epoch": 0})
+    narrow = None
+    if comm.rank == 0:
+        narrow = str(save_checkpoint(MPI.COMM_SELF, run_dir / "narrow", 3, state, {"epoch": 0}))
+    narrow = Path(comm.bcast(narrow, root=0))
+    a, ma, _ = load_checkpoint(wide)
+    b, mb, rs = load_checkpoint(narrow, rank=comm.rank)
+    prints = comm.allgather((fingerprint(a), fingerprint(b), ma["n_ranks"], mb["n_ranks"], rs))
+    assert all(p[0] == p[1] == fingerprint(state) for p in prints)
+    assert all(p[2] == comm.size and p[3] == 1 and p[4] is None for p in prints)
+
+
+def test_retention_and_latest_under_mpi(comm, run_dir):
+    state = make_state(2)
+    for step in (1, 2, 3):
+        save_checkpoint(comm, run_dir, step, state, {"epoch": step}, keep=2)
+    names = sorted(p.name for p in checkpoint_dir(run_dir).iterdir())
+    latest, skipped = find_latest_valid(run_dir)
+    results = comm.allgather((names, latest.name, skipped))
+    assert all(r == (["step-000000002", "step-000000003"], "step-000000003", []) for r in results)
+
+
+def test_failure_on_last_rank_aborts_on_all(comm, run_dir):
+    bad = comm.rank == comm.size - 1
+    rank_state = {"x": np.array(["text"])} if bad else {"x": np.zeros(1)}
+    error = None
+    try:
+        save_checkpoint(comm, run_dir, 4, make_state(2), {"epoch": 0}, rank_state=rank_state)
+    except CheckpointError as exc:
+        error = str(exc)
+    ckdir = checkpoint_dir(run_dir)
+    left = sorted(p.name for p in ckdir.iterdir()) if ckdir.exists() else []
+    results = comm.allgather((error, left))
+    for err, files in results:
+        assert err is not None and f"failed on rank {comm.size - 1}" in err and "fix:" in err
+        assert files == []
