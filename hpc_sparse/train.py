@@ -81,6 +81,7 @@ class Trainer:
         self.stop = StopFlag()
         self._last_save_time = time.monotonic()
         self._local = np.zeros(3)  # this rank's (loss sum, hits, samples) since the epoch began
+        self._last_idx: np.ndarray | None = None  # the last training batch (RigL re-scores it)
         self._flags = np.zeros(3, np.int64)  # agreed (stop, nonfinite, save-time-due) of the last sync
         self.model: SparseMLP
 
@@ -177,6 +178,7 @@ class Trainer:
                     idx = batch_indices(perm, self.size, self.rank, cfg.train.batch_size, p.step_in_epoch)
                     loss_sum, correct = 0.0, 0
                     if idx.size:
+                        self._last_idx = idx
                         r = self.model.train_step(data.x_train[idx], data.y_train[idx], sgd,
                                                   dropout_key(cfg.seed, p.step, self.rank, 0))
                         loss_sum, correct = r.loss_sum, r.correct
@@ -249,6 +251,9 @@ class Trainer:
         if prune_neurons_after_epoch(p.epoch, cfg.train.epochs, cfg.importance.enabled,
                                      cfg.importance.start_epoch, cfg.importance.every):
             pruned = prune_neurons(self.model, cfg.importance.percentile, cfg.importance.min_neurons)
+            if cfg.topology.growth == "gradient" and self._last_idx is not None:
+                # RigL scores need this batch's activations at the new widths
+                self.model.gradients(data.x_train[self._last_idx], data.y_train[self._last_idx])
             self.log.info(f"importance pruning after epoch {p.epoch + 1}: removed {pruned} neurons; "
                           f"widths {widths_before} -> {list(self.model.widths)}")
         t_evolve = 0.0

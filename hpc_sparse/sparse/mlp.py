@@ -120,15 +120,16 @@ class SparseMLP:
         scale = np.float32(1.0 / (1.0 - p))
         last = len(self.layers) - 1
         for l, layer in enumerate(self.layers):
-            z = layer.forward(a_prev, buf.z[l])
             if l == last:
-                return z
+                return layer.forward(a_prev, buf.z[l])
             f = self.activations[l]
-            if p > 0:
-                key = np.uint64((int(dropout_key) + l * 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF)
-                act.activate_dropout(z, f.kind, np.float32(f.slope), threshold, scale, key, buf.a[l], buf.keep[l])
-            else:
-                act.activate(z, f.kind, np.float32(f.slope), buf.a[l])
+            w = layer.weight
+            # forward product, bias, activation and dropout fused per output neuron
+            key = (np.uint64((int(dropout_key) + l * 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF)
+                   if p > 0 else np.uint64(0))
+            act.spmm_forward_act(layer.t_indptr, layer.t_rows, layer.t_perm, w.data, a_prev, layer.bias,
+                                 buf.z[l], f.kind, np.float32(f.slope), threshold if p > 0 else np.uint64(0),
+                                 scale, key, buf.a[l], buf.keep[l])
             a_prev = buf.a[l]
         raise AssertionError("unreachable")
 
@@ -137,24 +138,38 @@ class SparseMLP:
         """Back-propagate ``buf.delta[-1]``. With ``sgd`` the fused SDDMM+momentum update is
         applied to every layer; otherwise the weight gradients go into ``grads``."""
         scale = np.float32(1.0 / (1.0 - self.dropout)) if use_dropout else np.float32(1.0)
-        for l in range(len(self.layers) - 1, -1, -1):
+        top = len(self.layers) - 1
+        if sgd is not None:
+            # one CSR pass per layer: gradient into the layer below (with W before its
+            # update), SDDMM + momentum update, and the lower layer's bias gradient
+            lr, mu, dec = np.float32(sgd.lr), np.float32(sgd.momentum), np.float32(sgd.weight_decay)
+            kernels.row_sums(buf.delta[top], buf.gbias[top])
+            for l in range(top, -1, -1):
+                layer = self.layers[l]
+                w = layer.weight
+                if l > 0:
+                    f = self.activations[l - 1]
+                    act.spmm_backward_act_sgd(w.indptr, w.indices, w.data, layer.w_velocity, buf.delta[l],
+                                              buf.a[l - 1], buf.z[l - 1], buf.keep[l - 1], f.kind,
+                                              np.float32(f.slope), scale, use_dropout, lr, mu, dec, sgd.nesterov,
+                                              buf.delta[l - 1], buf.gbias[l - 1])
+                else:
+                    kernels.sddmm_sgd_update(w.indptr, w.indices, buf.x, buf.delta[0], w.data, layer.w_velocity,
+                                             lr, mu, dec, sgd.nesterov)
+                kernels.dense_sgd_update(buf.gbias[l], layer.bias, layer.b_velocity, lr, mu, dec, sgd.nesterov)
+            return
+        assert grads is not None
+        for l in range(top, -1, -1):
             layer = self.layers[l]
             w = layer.weight
             delta = buf.delta[l]
             a_prev = buf.a[l - 1] if l > 0 else buf.x
             kernels.row_sums(delta, buf.gbias[l])
-            if l > 0:  # gradient into the layer below must use W before its update
+            if l > 0:
                 f = self.activations[l - 1]
                 act.spmm_backward_act(w.indptr, w.indices, w.data, delta, buf.z[l - 1], buf.keep[l - 1],
                                       f.kind, np.float32(f.slope), scale, use_dropout, buf.delta[l - 1])
-            if sgd is None:
-                assert grads is not None
-                kernels.sddmm(w.indptr, w.indices, a_prev, delta, grads[l])
-            else:
-                lr, mu, dec = np.float32(sgd.lr), np.float32(sgd.momentum), np.float32(sgd.weight_decay)
-                kernels.sddmm_sgd_update(w.indptr, w.indices, a_prev, delta, w.data, layer.w_velocity,
-                                         lr, mu, dec, sgd.nesterov)
-                kernels.dense_sgd_update(buf.gbias[l], layer.bias, layer.b_velocity, lr, mu, dec, sgd.nesterov)
+            kernels.sddmm(w.indptr, w.indices, a_prev, delta, grads[l])
 
     def train_step(self, x: np.ndarray, y: np.ndarray, sgd: SGD, dropout_key: np.uint64 | None) -> StepResult:
         """One SGD step on the batch x (B, n_in) float32, y (B,) int; updates weights in place.
@@ -174,6 +189,7 @@ class SparseMLP:
                   ) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
         """Mean loss and its gradients without updating: (loss, [dW data (nnz,)], [db (n_out,)])."""
         buf = self._bufs(x.shape[0])
+        self._last_train_batch = x.shape[0]
         use_dropout = dropout_key is not None and self.dropout > 0
         logits = self._forward(x, buf, dropout_key if use_dropout else None)
         softmax_xent(logits, y, buf.delta[-1], buf.losses, buf.correct)

@@ -1,0 +1,133 @@
+"""Synchronous data-parallel training; holds at any communicator size.
+
+Run with plain ``pytest`` (one rank) and under
+``mpiexec -n 2|3 python -m mpi4py -m pytest tests/mpi/test_sync_mpi.py``. Collectives run
+unconditionally on every rank before any assertion, so a failure cannot hang the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+MPI = pytest.importorskip("mpi4py.MPI")
+
+from hpc_sparse.config import load_config  # noqa: E402
+from hpc_sparse.data import batch_indices, epoch_permutation, load_dataset, steps_per_epoch  # noqa: E402
+from hpc_sparse.model_builder import build_model  # noqa: E402
+from hpc_sparse.parallel import comm as pc  # noqa: E402
+from hpc_sparse.sparse import SGD  # noqa: E402
+from hpc_sparse.train import Trainer  # noqa: E402
+
+BASE = ["data.n_train=600", "data.n_test=300", "data.n_features=60", "data.n_informative=10",
+        "model.layers=[60,40,30,4]", "model.epsilon=4", "train.batch_size=20", "train.epochs=3",
+        "train.lr=0.05", "train.threads=1", "checkpoint.at_end=false"]
+
+
+@pytest.fixture(scope="module")
+def comm():
+    dup = MPI.COMM_WORLD.Dup()
+    yield dup
+    dup.Free()
+
+
+@pytest.fixture
+def shared_dir(comm):
+    path = tempfile.mkdtemp(prefix="hpc_sparse_mpi_") if comm.rank == 0 else None
+    path = Path(comm.bcast(path, root=0))
+    yield path
+    comm.Barrier()
+    if comm.rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def train(comm, run_dir: Path, overrides: list[str]) -> Trainer:
+    cfg = load_config(None, BASE + overrides)
+    t = Trainer(cfg, comm, run_dir, quiet=True)
+    assert t.run() == 0
+    return t
+
+
+def gathered(comm, value: str) -> list[str]:
+    return comm.allgather(value)
+
+
+def test_same_seed_same_model(comm, shared_dir):
+    a = train(comm, shared_dir / "a", [])
+    b = train(comm, shared_dir / "b", [])
+    ha, hb = gathered(comm, a.model.sha256()), gathered(comm, b.model.sha256())
+    assert ha[0] == hb[0]
+    assert len(set(ha)) == 1
+    if comm.rank == 0:
+        s = json.loads((shared_dir / "a" / "summary.json").read_text())
+        assert s["model_sha256"] == ha[0] and s["ranks"] == comm.size
+
+
+@pytest.mark.parametrize("growth", ["random", "gradient"])
+def test_replicas_identical_after_evolution_and_pruning(comm, shared_dir, growth):
+    t = train(comm, shared_dir / growth, [f"topology.growth=\"{growth}\"", "importance.enabled=true",
+                                          "importance.start_epoch=0", "importance.every=1",
+                                          "model.dropout=0.3", "parallel.sync_every=3"])
+    # right after the final sync every rank holds bit-identical topology and weights
+    hashes = gathered(comm, t.model.sha256())
+    vel = gathered(comm, hashlib.sha256(b"".join(a.tobytes() for a in t.model.parameter_arrays())).hexdigest())
+    assert len(set(hashes)) == 1 and len(set(vel)) == 1
+    assert t.model.widths[1] < 40  # pruning happened (identically everywhere)
+
+
+def test_ranks_match_one_process_with_the_union_batch(comm, shared_dir):
+    """Plain SGD, sync_every=1: P ranks with batch B == one process with batch P*B."""
+    over = ["train.momentum=0", "model.dropout=0", "parallel.sync_every=1", "topology.evolve_every=0",
+            "train.epochs=2"]
+    t = train(comm, shared_dir / "p", over)
+    cfg = load_config(None, BASE + over)
+    data = load_dataset(cfg.data)
+    ref = build_model(cfg)
+    sgd = SGD(cfg.train.lr, 0.0)
+    n, size, b = data.x_train.shape[0], comm.size, cfg.train.batch_size
+    for epoch in range(cfg.train.epochs):
+        perm = epoch_permutation(n, cfg.seed, epoch)
+        for s in range(steps_per_epoch(n, size, b)):
+            idx = np.concatenate([batch_indices(perm, size, r, b, s) for r in range(size)])
+            ref.train_step(data.x_train[idx], data.y_train[idx], sgd, None)
+    for mine, want in zip(t.model.layers, ref.layers):
+        np.testing.assert_array_equal(mine.weight.indices, want.weight.indices)
+        np.testing.assert_allclose(mine.weight.data, want.weight.data, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(mine.bias, want.bias, rtol=1e-4, atol=1e-6)
+
+
+def test_each_sample_once_per_epoch_across_ranks(comm):
+    n, b = 103, 8
+    perm = epoch_permutation(n, 5, 2)
+    mine = np.concatenate([batch_indices(perm, comm.size, comm.rank, b, s)
+                           for s in range(steps_per_epoch(n, comm.size, b))])
+    everything = pc.allgatherv(comm, mine.astype(np.int64))
+    assert np.array_equal(np.sort(everything), np.arange(n))
+
+
+def test_metrics_are_exact_reductions(comm, shared_dir):
+    """Test accuracy from P ranks equals a one-process evaluation of the same weights."""
+    t = train(comm, shared_dir / "m", ["train.epochs=1"])
+    data = load_dataset(t.cfg.data)
+    r = t.model.evaluate(data.x_test, data.y_test, 1000)
+    assert t.history[-1]["test_accuracy"] == pytest.approx(r.correct / r.count, abs=0)
+    assert t.history[-1]["test_loss"] == pytest.approx(r.loss_sum / r.count, rel=1e-9)
+
+
+def test_agreement_check_detects_divergence(comm):
+    arrays = [np.arange(10, dtype=np.int32) + (comm.rank if comm.size > 1 else 0)]
+    err = None
+    try:
+        pc.check_agreement(comm, arrays, ["layers/0/W.indices"])
+    except pc.TopologyMismatch as exc:
+        err = str(exc)
+    if comm.size > 1:
+        assert err is not None and "layers/0/W.indices" in err
+    else:
+        assert err is None

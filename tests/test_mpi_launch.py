@@ -1,0 +1,50 @@
+"""Launch mpiexec for real: the MPI test modules at 2 and 3 ranks, failures that must not hang."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIEXEC = shutil.which("mpiexec")
+pytestmark = [pytest.mark.mpi, pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH")]
+ENV = {**os.environ, "HPC_SPARSE_THREADS": "1"}
+
+
+def mpiexec(n: int, *args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    proc = subprocess.run([MPIEXEC, "-n", str(n), *args], capture_output=True, text=True, timeout=timeout,
+                          env=ENV, cwd=ROOT)
+    return proc, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("mode", ["raise", "kill"])
+def test_a_failing_rank_ends_the_job_quickly(tmp_path, mode):
+    proc, seconds = mpiexec(2, sys.executable, "tests/mpi/fault_main.py", mode, "train",
+                            "--config", "configs/synthetic-quick.toml", "--set", "data.n_train=2000",
+                            "--set", "train.epochs=50", "--run-dir", str(tmp_path), timeout=120)
+    assert proc.returncode != 0
+    assert seconds < 60, f"took {seconds:.0f}s"
+    if mode == "raise":
+        assert "rank 1/2" in proc.stderr and "injected failure on rank 1" in proc.stderr
+
+
+def test_user_error_on_all_ranks_exits_with_message(tmp_path):
+    proc, seconds = mpiexec(2, sys.executable, "-m", "mpi4py", "-m", "hpc_sparse", "train", "--config",
+                            "configs/synthetic-quick.toml", "--set", "model.layers=[7,4]",
+                            "--run-dir", str(tmp_path), timeout=120)
+    assert proc.returncode != 0 and seconds < 60
+    assert "model.layers starts with 7 inputs" in proc.stderr
+
+
+def test_quickstart_two_ranks_trains(tmp_path):
+    proc, _ = mpiexec(2, sys.executable, "-m", "mpi4py", "-m", "hpc_sparse", "train", "--config",
+                      "configs/synthetic-quick.toml", "--run-dir", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 rank(s)" in proc.stderr and (tmp_path / "summary.json").is_file()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs, then run it: the serial suite (MPI test modules
+# with one process, CLI end to end, real SLURM), then the MPI modules under mpiexec -n 2 and -n 3.
+# Usage: bash tools/test_all.sh            (as root on Debian for the apt packages; ~10-15 min)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    need=()
+    dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || need+=(dataset-fashion-mnist)
+    command -v slurmctld >/dev/null || need+=(slurm-wlm)
+    command -v munged >/dev/null || need+=(munge)
+    if [ ${#need[@]} -gt 0 ]; then
+        echo "== apt-get install ${need[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+fi
+
+echo "== pip install -e .[test]"
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+
+export HPC_SPARSE_THREADS=1
+echo "== serial suite (one process)"
+python3 -m pytest -q -p no:cacheprovider tests
+for n in 2 3; do
+    echo "== MPI suite under mpiexec -n $n"
+    mpiexec -n "$n" python3 -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi
+done
