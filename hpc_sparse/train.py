@@ -40,7 +40,7 @@ class Progress:
     epoch: int = 0
     step_in_epoch: int = 0
     evolutions: int = 0
-    last_save_step: int = -1
+    last_save_step: int = 0
     # global (all-rank) sums of the current epoch's training loss so far
     epoch_loss_sum: float = 0.0
     epoch_correct: int = 0
@@ -203,9 +203,10 @@ class Trainer:
                     return self._save_and_stop(n_train)
                 if self._save_due():
                     self._save(n_train)
+            # a signal from here on is too late to matter: the run completes normally
+            self._finish(data)
         finally:
             self.stop.restore()
-        self._finish(data)
         return 0
 
     def _sync_point(self, at_epoch_end: bool) -> bool:

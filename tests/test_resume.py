@@ -1,0 +1,123 @@
+"""Checkpoint/resume end to end through the real CLI: kill during a checkpoint, stop signals,
+a different number of ranks, corrupt and mismatched checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIEXEC = shutil.which("mpiexec")
+ENV = {**os.environ, "HPC_SPARSE_THREADS": "1"}
+ARGS = ["--config", "configs/synthetic-quick.toml", "--set", "data.n_train=1200", "--set", "data.n_test=400",
+        "--set", "model.layers=[500,80,60,4]", "--set", "train.epochs=4", "--set", "train.batch_size=32",
+        "--set", "importance.start_epoch=1", "--set", "importance.every=2"]
+
+
+def launch(ranks: int, *args: str) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, *args]
+    return [MPIEXEC, "-n", str(ranks), sys.executable, *args]
+
+
+def train(ranks: int, run_dir: Path, *extra: str, check: bool = True, script: list[str] | None = None
+          ) -> subprocess.CompletedProcess:
+    head = script or ["-m", "mpi4py", "-m", "hpc_sparse"]
+    proc = subprocess.run(launch(ranks, *head, "train", *ARGS, "--run-dir", str(run_dir), *extra),
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+def sha(run_dir: Path) -> str:
+    return json.loads((run_dir / "summary.json").read_text())["model_sha256"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs at 1 and 2 ranks."""
+    out = {}
+    for p in (1, 2):
+        d = tmp_path_factory.mktemp(f"ref{p}")
+        train(p, d)
+        out[p] = sha(d)
+    return out
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_killed_while_checkpointing_then_resumed_matches(tmp_path, reference, ranks):
+    proc = train(ranks, tmp_path, "--set", "checkpoint.every_steps=25", check=False,
+                 script=["tests/mpi/fault_main.py", "kill-in-checkpoint"])
+    assert proc.returncode != 0
+    ck = tmp_path / "checkpoints"
+    assert any(p.name.startswith(".tmp-") for p in ck.iterdir()), "the kill should leave a half-written folder"
+    committed = [p.name for p in ck.glob("step-*")]
+    assert len(committed) == 1  # the first checkpoint (rounded up to a sync point), not the killed one
+    resumed = train(ranks, tmp_path, "--resume", "auto")
+    assert "resumed from" in resumed.stderr and committed[0] in resumed.stderr
+    assert sha(tmp_path) == reference[ranks]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_stop_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, ranks):
+    long = ("--set", "train.epochs=150")
+    train(ranks, tmp_path / "uninterrupted", *long)
+    run_dir = tmp_path / "signalled"
+    cmd = launch(ranks, "-m", "mpi4py", "-m", "hpc_sparse", "train", *ARGS, "--run-dir", str(run_dir), *long)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)  # mpiexec (hydra) forwards it to every rank
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 75, err
+    assert "stop signal" in err and "checkpoint" in err
+    train(ranks, run_dir, "--resume", "auto", *long)
+    assert sha(run_dir) == sha(tmp_path / "uninterrupted")
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
+def test_resume_on_a_different_number_of_ranks(tmp_path):
+    train(2, tmp_path, "--set", "train.max_steps=30")
+    for ranks in (1, 3):
+        d = tmp_path / f"p{ranks}"
+        shutil.copytree(tmp_path / "checkpoints", d / "checkpoints")
+        proc = train(ranks, d, "--resume", "auto")
+        assert "written by 2 rank(s), resuming on" in proc.stderr and "re-partitioned" in proc.stderr
+        s = json.loads((d / "summary.json").read_text())
+        assert s["epochs_completed"] == 4 and s["ranks"] == ranks and s["test_accuracy"] > 0.5
+
+
+def test_explicit_corrupt_checkpoint_is_refused_and_kept(tmp_path):
+    train(1, tmp_path, "--set", "train.epochs=1")
+    ck = next((tmp_path / "checkpoints").glob("step-*"))
+    shard = next(ck.glob("shard-*.h5"))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    proc = train(1, tmp_path, "--resume", str(ck), check=False)
+    assert proc.returncode == 2 and str(ck) in proc.stderr and "fix" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert shard.read_bytes() == bytes(raw)  # never deleted or rewritten
+    auto = train(1, tmp_path, "--resume", "auto")  # auto skips it, says so, and starts fresh
+    assert "skipping invalid checkpoint" in auto.stderr
+    assert ck.is_dir()
+
+
+def test_architecture_mismatch_is_refused_naming_both(tmp_path):
+    train(1, tmp_path, "--set", "train.epochs=1")
+    proc = train(1, tmp_path, "--resume", "auto", "--set", "model.layers=[500,80,60,80,4]", check=False)
+    assert proc.returncode == 2
+    assert "model.layers=[500, 80, 60, 80, 4]" in proc.stderr and "has 3 weight layers" in proc.stderr
