@@ -108,3 +108,12 @@ def test_config_help_lists_keys():
     out = cli("config-help").stdout
     for key in ("data.name", "model.layers", "model.epsilon", "train.lr", "parallel.sync_every", "seed"):
         assert key in out
+
+
+def test_plot_run_draws_a_png(quick_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    run, _ = quick_run
+    out = tmp_path / "curves.png"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "plot_run.py"), str(run), "--out", str(out)],
+                   check=True, capture_output=True, timeout=120)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
