@@ -114,8 +114,9 @@ class ParallelConfig:
                    choices=("sync", "wasap"))
     sync_every: int = _f(4, "average weights, biases and momentum across ranks every this many local "
                             "steps (an epoch end is always a sync point)", min=1)
-    lr_scaling: str = _f("none", "none | linear: multiply lr by the number of ranks (the large "
-                                 "effective batch of P ranks then moves as far per epoch as one rank)",
+    lr_scaling: str = _f("linear", "linear: multiply train.lr by the number of ranks, since P ranks take "
+                                   "P times fewer steps per epoch with a P times larger effective batch "
+                                   "(Goyal et al. 2017) | none: use train.lr as given",
                          choices=("none", "linear"))
     async_fraction: float = _f(0.7, "wasap: fraction of the epochs spent in the asynchronous phase",
                                min=0.0, max=1.0)

@@ -84,6 +84,7 @@ def test_replicas_identical_after_evolution_and_pruning(comm, shared_dir, growth
 def test_ranks_match_one_process_with_the_union_batch(comm, shared_dir):
     """Plain SGD, sync_every=1: P ranks with batch B == one process with batch P*B."""
     over = ["train.momentum=0", "model.dropout=0", "parallel.sync_every=1", "topology.evolve_every=0",
+            "parallel.lr_scaling=\"none\"",
             "train.epochs=2"]
     t = train(comm, shared_dir / "p", over)
     cfg = load_config(None, BASE + over)
