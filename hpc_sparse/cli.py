@@ -54,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from hpc_sparse.parallel import comm as pc
+    from hpc_sparse.parallel.signals import EXIT_REQUEUE, exit_requeue
 
     comm = pc.world()
     try:
         if args.command == "train":
-            return _train(args, comm)
+            status = _train(args, comm)
+            if status == EXIT_REQUEUE:
+                exit_requeue(status)  # finalize MPI and leave with 75 on every launcher; never returns
+            return status
         if args.command == "evaluate":
             return _evaluate(args, comm)
         return _info(args)

@@ -220,7 +220,8 @@ def test_round_trip_with_real_comm_self(tmp_path):
 
 
 def test_numpy_scalars_in_meta_become_json(tmp_path):
-    path = save_checkpoint(SelfComm(), tmp_path, 0, {"w": np.ones(2)}, {"epoch": np.int64(3), "lr": np.float32(0.5)})
+    meta = {"epoch": np.int64(3), "lr": np.float32(0.5)}
+    path = save_checkpoint(SelfComm(), tmp_path, 0, {"w": np.ones(2)}, meta)
     manifest = load_checkpoint(path)[1]
     assert manifest["epoch"] == 3 and manifest["meta"]["lr"] == 0.5
 
@@ -390,6 +391,14 @@ def test_find_latest_valid_skips_corrupt_newest(tmp_path):
     assert "SHA-256" in skipped[0][1] and "manifest.json is missing" in skipped[1][1]
 
 
+def test_folder_renamed_to_another_step_is_invalid(tmp_path):
+    save(tmp_path, 1)
+    ckdir = checkpoint_dir(tmp_path)
+    (ckdir / "step-000000001").rename(ckdir / "step-000000002")
+    latest, skipped = find_latest_valid(tmp_path)
+    assert latest is None and "manifest says step 1 but the folder is step 2" in skipped[0][1]
+
+
 def test_list_checkpoints_reports_validity(tmp_path):
     for step in (1, 2):
         save(tmp_path, step, keep=5)
@@ -405,7 +414,7 @@ def test_list_checkpoints_reports_validity(tmp_path):
 
 @pytest.mark.parametrize("state, meta, match", [
     ({"a": np.zeros(2), "a/b": np.zeros(2)}, {}, "prefix"),
-    ({"": np.zeros(2)}, {}, "non-empty"),
+    ({"": np.zeros(2)}, {}, "not a valid path"),
     ({"a//b": np.zeros(2)}, {}, "empty"),
     ({"w": np.array(["x"])}, {}, "non-numeric"),
     ({"w": [1, 2]}, {}, "numpy array"),

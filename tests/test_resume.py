@@ -97,7 +97,8 @@ def test_resume_on_a_different_number_of_ranks(tmp_path):
         proc = train(ranks, d, "--resume", "auto")
         assert "written by 2 rank(s), resuming on" in proc.stderr and "re-partitioned" in proc.stderr
         s = json.loads((d / "summary.json").read_text())
-        assert s["epochs_completed"] == 4 and s["ranks"] == ranks and s["test_accuracy"] > 0.5
+        assert s["epochs_completed"] == 4 and s["ranks"] == ranks
+        assert len((d / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 def test_explicit_corrupt_checkpoint_is_refused_and_kept(tmp_path):
