@@ -162,3 +162,26 @@ def test_custom_signals_and_restore_is_idempotent():
         stop.restore()
         stop.restore()
     assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
+
+
+_EXIT_CODE = ("from hpc_sparse.parallel.signals import exit_requeue; print('x', end=''); "
+              "exit_requeue()")
+
+
+@pytest.mark.parametrize("prefix", [[], ["-m", "mpi4py"]], ids=["plain", "python-m-mpi4py"])
+def test_exit_requeue_status_and_flush(prefix):
+    """exit_requeue() leaves with 75 and flushed output, also under ``python -m mpi4py``
+    (where ``sys.exit(75)`` would become ``MPI_Abort``)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if prefix:
+        pytest.importorskip("mpi4py")
+    code = _EXIT_CODE if not prefix else "from mpi4py import MPI; MPI.COMM_WORLD.Barrier(); " + _EXIT_CODE
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, *prefix, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=root)
+    assert proc.returncode == EXIT_REQUEUE, proc.stderr
+    assert proc.stdout == "x"
+    assert "Abort" not in proc.stderr

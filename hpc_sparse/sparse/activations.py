@@ -18,10 +18,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
+# The numba kernels live in kernels.py with every helper they inline: numba's on-disk
+# cache only notices edits to the file that defines a function, so a kernel must never
+# inline code from another module (a stale cached copy would silently keep the old code).
+from hpc_sparse.sparse.kernels import (  # noqa: F401  (re-exported: act.activate_dropout, ...)
+    activate,
+    activate_dropout,
+    spmm_backward_act,
+    spmm_backward_act_sgd,
+    spmm_forward_act,
+)
 
 KIND_PIECEWISE, KIND_TANH, KIND_SIGMOID = 0, 1, 2
-_OPTS = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)
 _MASK64 = (1 << 64) - 1
 
 
@@ -85,87 +93,5 @@ def dropout_key(seed: int, step: int, rank: int, layer: int) -> np.uint64:
         x ^= x >> 31
     return np.uint64(x)
 
-
-@njit(inline="always", **_OPTS)
-def _apply(kind, slope, z):  # pragma: no cover - numba
-    if kind == 0:
-        return z if z >= 0 else slope * z
-    if kind == 1:
-        return np.tanh(z)
-    return np.float32(1.0) / (np.float32(1.0) + np.exp(-z))
-
-
-@njit(inline="always", **_OPTS)
-def _deriv(kind, slope, z):  # pragma: no cover - numba
-    if kind == 0:
-        return np.float32(1.0) if z >= 0 else slope
-    if kind == 1:
-        t = np.tanh(z)
-        return np.float32(1.0) - t * t
-    s = np.float32(1.0) / (np.float32(1.0) + np.exp(-z))
-    return s * (np.float32(1.0) - s)
-
-
-@njit(inline="always", **_OPTS)
-def _keep(key, idx, threshold):  # pragma: no cover - numba
-    """True with probability 1 - p: splitmix64 of (key + idx), top 32 bits against p*2^32."""
-    x = key + np.uint64(idx) * np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(32)) >= threshold
-
-
-@njit(parallel=True, **_OPTS)
-def activate_dropout(z, kind, slope, threshold, scale, key, a, keep):  # pragma: no cover
-    """a = f(z) * mask * scale, in place per element; keep (uint8) records the mask.
-
-    ``threshold = p * 2**32`` (0 disables dropout), ``scale = 1/(1-p)``.
-    z, a: (width, B) float32; keep: (width, B) uint8.
-    """
-    n, nb = z.shape
-    for j in prange(n):
-        for b in range(nb):
-            y = _apply(kind, slope, z[j, b])
-            if threshold > 0:
-                if _keep(key, j * nb + b, threshold):
-                    keep[j, b] = 1
-                    a[j, b] = y * scale
-                else:
-                    keep[j, b] = 0
-                    a[j, b] = 0.0
-            else:
-                a[j, b] = y
-
-
-@njit(parallel=True, **_OPTS)
-def activate(z, kind, slope, a):  # pragma: no cover - numba
-    """a = f(z) without dropout (evaluation). z, a: (width, B)."""
-    n, nb = z.shape
-    for j in prange(n):
-        for b in range(nb):
-            a[j, b] = _apply(kind, slope, z[j, b])
-
-
-@njit(parallel=True, **_OPTS)
-def spmm_backward_act(indptr, indices, data, delta, z, keep, kind, slope, scale, use_keep, out):  # pragma: no cover
-    """Backward through a layer and the activation below it, fused.
-
-    out[i, :] = (W @ delta)[i, :] * f'(z[i, :]) * mask[i, :] * scale, where W is (n_in, n_out)
-    in CSR, delta (n_out, B) is dL/dz of this layer, z (n_in, B) the pre-activation of the
-    layer below and keep its dropout mask (ignored unless ``use_keep``).
-    """
-    n_in, nb = out.shape
-    for i in prange(n_in):
-        for b in range(nb):
-            out[i, b] = 0.0
-        for k in range(indptr[i], indptr[i + 1]):
-            w = data[k]
-            c = indices[k]
-            for b in range(nb):
-                out[i, b] += w * delta[c, b]
-        for b in range(nb):
-            g = out[i, b] * _deriv(kind, slope, z[i, b])
-            if use_keep:
-                g = g * scale if keep[i, b] else np.float32(0.0)
-            out[i, b] = g
+__all__ = ["Activation", "KIND_PIECEWISE", "KIND_SIGMOID", "KIND_TANH", "activate", "activate_dropout",
+           "dropout_key", "hidden_activations", "spmm_backward_act", "spmm_backward_act_sgd", "spmm_forward_act"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+from numba import njit
 
 from hpc_sparse.sparse.linear import SparseLinear
 from hpc_sparse.topology.init import init_values
@@ -49,16 +50,31 @@ def set_keep_mask(data: np.ndarray, zeta: float) -> np.ndarray:
     return keep
 
 
+@njit(cache=True)
+def _compact_rows(indptr, indices, data, velocity, keep, out_indptr, out_indices, out_data, out_vel):  # pragma: no cover
+    n_in = indptr.shape[0] - 1
+    p = 0
+    out_indptr[0] = 0
+    for i in range(n_in):
+        for k in range(indptr[i], indptr[i + 1]):
+            if keep[k]:
+                out_indices[p] = indices[k]
+                out_data[p] = data[k]
+                out_vel[p] = velocity[k]
+                p += 1
+        out_indptr[i + 1] = p
+
+
 def prune_by_mask(layer: SparseLinear, keep: np.ndarray) -> Pruned:
-    """Survivors of ``layer`` where ``keep`` (nnz,) is True, momentum aligned."""
+    """Survivors of ``layer`` where ``keep`` (nnz,) is True, momentum aligned (one pass)."""
     w = layer.weight
-    n_in = w.shape[0]
-    row_of = np.repeat(np.arange(n_in), np.diff(w.indptr))
-    counts = np.bincount(row_of[keep], minlength=n_in)
-    indptr = np.zeros(n_in + 1, w.indptr.dtype)
-    np.cumsum(counts, out=indptr[1:])
-    return Pruned(indptr, w.indices[keep], w.data[keep], layer.w_velocity[keep], w.shape,
-                  int(w.nnz - np.count_nonzero(keep)))
+    n_kept = int(np.count_nonzero(keep))
+    indptr = np.empty(w.shape[0] + 1, w.indptr.dtype)
+    indices = np.empty(n_kept, w.indices.dtype)
+    data = np.empty(n_kept, np.float32)
+    vel = np.empty(n_kept, np.float32)
+    _compact_rows(w.indptr, w.indices, w.data, layer.w_velocity, keep, indptr, indices, data, vel)
+    return Pruned(indptr, indices, data, vel, w.shape, int(w.nnz - n_kept))
 
 
 def grow(layer: SparseLinear, pruned: Pruned, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
