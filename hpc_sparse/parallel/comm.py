@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import zlib
 from typing import Any
 
@@ -123,6 +124,7 @@ def abort_on_error(comm: MPI.Comm, exc: BaseException, code: int) -> None:
         msg = f"{prefix}{type(exc).__name__}: {exc}"
     print(msg, file=sys.stderr, flush=True)
     if size > 1:
+        time.sleep(0.2)  # let the launcher forward this rank's stderr before the abort tears it down
         MPI.COMM_WORLD.Abort(code)
 
 
