@@ -113,7 +113,10 @@ class SparseMLP:
     # ------------------------------------------------------------------- compute
     def _forward(self, x: np.ndarray, buf: _Buffers, dropout_key: np.uint64 | None) -> np.ndarray:
         """Run the network on x (B, n_in); returns the logits buffer (C, B)."""
-        np.copyto(buf.x, x.T)
+        if x.size >= 1 << 18 and x.dtype == np.float32 and x.flags.c_contiguous:
+            kernels.transpose_into(x, buf.x)  # blocked; numpy's strided copy is slow here
+        else:
+            np.copyto(buf.x, x.T)
         a_prev = buf.x
         p = self.dropout if dropout_key is not None else 0.0
         threshold = np.uint64(int(p * 2.0 ** 32))

@@ -1,0 +1,73 @@
+"""Train ~20 steps of a very large truly sparse network and report its size, speed and memory.
+
+The default is the largest configuration verified on the 2-core, 24 GiB machine:
+784-2M-2M-2M-2M-2M-10 (10 M hidden neurons) at epsilon 10, batch 16. A dense version
+would need ~64 TB of float32 weights alone.
+
+    python tools/bench_largest.py
+    python tools/bench_largest.py --widths 784,4000000,4000000,10 --epsilon 10 --batch 16 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench_common as bc  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--widths", default="784,2000000,2000000,2000000,2000000,2000000,10")
+    ap.add_argument("--epsilon", type=float, default=10.0)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--dropout", type=float, default=0.3)
+    ap.add_argument("--threads", type=int, default=0, help="0 = all")
+    args = ap.parse_args(argv)
+    widths = [int(w) for w in args.widths.split(",")]
+    threads = args.threads or bc.max_threads()
+    bc.set_threads(threads)
+
+    from hpc_sparse.sparse import SGD, dropout_key
+
+    base = bc.rss_bytes()
+    t0 = time.perf_counter()
+    model = bc.build_mlp(widths, args.epsilon, seed=0, dropout=args.dropout)
+    build_s = time.perf_counter() - t0
+    gc.collect()
+    rng = np.random.default_rng(0)
+    sgd = SGD(0.01, 0.9)
+    times, losses = [], []
+    for s in range(args.steps):
+        x = rng.standard_normal((args.batch, widths[0]), dtype=np.float32)
+        y = rng.integers(0, widths[-1], args.batch).astype(np.int64)
+        t1 = time.perf_counter()
+        r = model.train_step(x, y, sgd, dropout_key(0, s, 0, 0))
+        times.append(time.perf_counter() - t1)
+        losses.append(r.loss_sum / r.count)
+    peak = bc.peak_rss_bytes()
+    weights_dense = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    bc.emit({
+        "bench": "largest", "widths": widths, "epsilon": args.epsilon, "batch": args.batch, "steps": args.steps,
+        "threads": threads, "dropout": args.dropout,
+        "hidden_neurons": int(sum(widths[1:-1])), "nnz": model.nnz,
+        "ms_per_step": 1e3 * float(np.median(times)),
+        "ms_first_step": 1e3 * times[0],
+        "peak_rss_bytes": peak, "baseline_rss_bytes": base,
+        "bytes_per_nnz": (peak - base) / model.nnz,
+        "build_seconds": build_s,
+        "loss_first": losses[0], "loss_last": losses[-1], "finite": bool(np.all(np.isfinite(losses))),
+        "dense_weight_bytes": 4 * weights_dense,
+        "machine_ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+    })
+
+
+if __name__ == "__main__":
+    main()

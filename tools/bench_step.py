@@ -1,0 +1,324 @@
+"""Time one training step (median ms) of hpc_sparse and of two baselines, side by side.
+
+Baselines, run in the same process on the same sparsity pattern:
+
+1. ``masked_dense``: PyTorch CPU, dense ``nn.Linear`` weights times a fixed binary mask
+   (forward uses ``W*mask``; backward; SGD momentum step; mask re-applied), the standard
+   way sparse training is simulated.
+2. ``scipy``: the same step written with scipy.sparse products (forward ``W^T a``,
+   backward ``W delta``); scipy has no SDDMM, so the gradient at the stored positions is
+   a numpy gather-and-dot in chunks; momentum update on the ``data`` vector with numpy.
+
+It also measures the machine's bound in the same run: STREAM triad bandwidth and the
+float32 GEMM peak (numpy matmul) at the same thread count, and derives the step's minimum
+flops (``6 * nnz * batch``: forward, backward, SDDMM) and bytes, then
+``bound_ms = max(flops/peak, bytes/bandwidth)`` and ``x_bound = ms_per_step / bound_ms``.
+
+One JSON line per (workload, thread count)::
+
+    python tools/bench_step.py --workloads A,B,C,D --threads 1,2 --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench_common as bc  # noqa: E402
+
+WORKLOADS = {
+    "A": dict(widths=[784, 1000, 1000, 1000, 10], epsilon=20.0, density=None, batch=128, all_threads_only=False),
+    "B": dict(widths=[784, 10000, 10000, 10], epsilon=20.0, density=None, batch=128, all_threads_only=False),
+    "C": dict(widths=[3072, 1024, 512, 10], epsilon=None, density=0.01, batch=100, all_threads_only=False),
+    "D": dict(widths=[784, 95000, 95000, 10], epsilon=20.0, density=None, batch=128, all_threads_only=True),
+}
+ALPHA, DROPOUT, LR, MOMENTUM = 0.6, 0.3, 0.01, 0.9
+# masked dense needs W, mask, grad and momentum (4 x float32) per dense weight
+MASKED_DENSE_BYTES_PER_WEIGHT = 16
+MASKED_DENSE_MAX_BYTES = 8 << 30
+
+
+# ------------------------------------------------------------------------ the bound
+def step_min_bytes(model, batch: int) -> int:
+    """nnz-proportional traffic plus activations, read/written once per kernel.
+
+    Per stored weight: data+indices read by forward, backward and SDDMM (3 x 8 B), data
+    written (4 B), momentum read+write (8 B), CSC index t_rows+t_perm read (8 B) = 44 B.
+    Activations: each layer's input and output (batch x 4 B per neuron) are touched by
+    forward, backward and SDDMM (3 x (n_in + n_out) x batch x 4 B).
+    """
+    nnz = model.nnz
+    w = model.widths
+    act = sum(3 * (a + b) * batch * 4 for a, b in zip(w[:-1], w[1:]))
+    return 44 * nnz + act
+
+
+def step_flops(model, batch: int) -> int:
+    return 6 * model.nnz * batch
+
+
+# -------------------------------------------------------------------- hpc_sparse
+def backward_timed(model, buf, sgd) -> tuple[float, float]:
+    """SparseMLP._backward's SGD path, kernel by kernel, timed: (seconds in the fused
+    backward kernels of layers L-1..1, which include their SDDMM + momentum update;
+    seconds in layer 0's SDDMM + momentum update and all bias updates)."""
+    from hpc_sparse.sparse import activations as act
+    from hpc_sparse.sparse import kernels
+
+    scale = np.float32(1.0 / (1.0 - model.dropout))
+    lr, mu, dec = np.float32(sgd.lr), np.float32(sgd.momentum), np.float32(sgd.weight_decay)
+    top = len(model.layers) - 1
+    t_bwd = t_upd = 0.0
+    t0 = time.perf_counter()
+    kernels.row_sums(buf.delta[top], buf.gbias[top])
+    t_upd += time.perf_counter() - t0
+    for l in range(top, -1, -1):
+        layer = model.layers[l]
+        w = layer.weight
+        t0 = time.perf_counter()
+        if l > 0:
+            f = model.activations[l - 1]
+            act.spmm_backward_act_sgd(w.indptr, w.indices, w.data, layer.w_velocity, buf.delta[l], buf.a[l - 1],
+                                      buf.z[l - 1], buf.keep[l - 1], f.kind, np.float32(f.slope), scale, True,
+                                      lr, mu, dec, sgd.nesterov, buf.delta[l - 1], buf.gbias[l - 1])
+            t1 = time.perf_counter()
+            t_bwd += t1 - t0
+        else:
+            kernels.sddmm_sgd_update(w.indptr, w.indices, buf.x, buf.delta[0], w.data, layer.w_velocity,
+                                     lr, mu, dec, sgd.nesterov)
+            t1 = time.perf_counter()
+            t_upd += t1 - t0
+        kernels.dense_sgd_update(buf.gbias[l], layer.bias, layer.b_velocity, lr, mu, dec, sgd.nesterov)
+        t_upd += time.perf_counter() - t1
+    return t_bwd, t_upd
+
+
+def time_hpc(model, x, y, repeats: int) -> tuple[float, dict[str, float]]:
+    from hpc_sparse.sparse import SGD, dropout_key
+    from hpc_sparse.sparse.loss import softmax_xent
+
+    sgd = SGD(LR, MOMENTUM)
+    counter = [0]
+
+    def step():
+        counter[0] += 1
+        model.train_step(x, y, sgd, dropout_key(0, counter[0], 0, 0))
+
+    ms = bc.median_ms(step, repeats, warmup=3)
+    # component breakdown: the phases of the same step, timed one by one
+    buf = model._bufs(x.shape[0])
+    parts: dict[str, list[float]] = {"forward": [], "loss": [], "backward": [], "sddmm_update": []}
+    for r in range(max(3, repeats)):
+        key = dropout_key(0, 10_000 + r, 0, 0)
+        t0 = time.perf_counter()
+        logits = model._forward(x, buf, key)
+        t1 = time.perf_counter()
+        softmax_xent(logits, y, buf.delta[-1], buf.losses, buf.correct)
+        t2 = time.perf_counter()
+        bwd, upd = backward_timed(model, buf, sgd)
+        parts["forward"].append(t1 - t0)
+        parts["loss"].append(t2 - t1)
+        parts["backward"].append(bwd)
+        parts["sddmm_update"].append(upd)
+    br = {k: 1e3 * float(np.median(v)) for k, v in parts.items()}
+    br["glue"] = max(0.0, ms - sum(br.values()))
+    return ms, br
+
+
+# ----------------------------------------------------------------- masked dense
+def time_masked_dense(model, x, y, repeats: int, threads: int) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    lins, masks = [], []
+    for layer in model.layers:
+        n_in, n_out = layer.shape
+        lin = torch.nn.Linear(n_in, n_out)
+        m = torch.from_numpy(layer.weight.T.toarray() != 0).to(torch.float32)  # (n_out, n_in)
+        with torch.no_grad():
+            lin.weight.mul_(m)
+        lins.append(lin)
+        masks.append(m)
+    params = [p for lin in lins for p in lin.parameters()]
+    opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+    slopes = [a.slope for a in model.activations]
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    yt = torch.from_numpy(y.astype(np.int64))
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        h = xt
+        for l, (lin, m) in enumerate(zip(lins, masks)):
+            h = F.linear(h, lin.weight * m, lin.bias)
+            if l < len(lins) - 1:
+                h = F.leaky_relu(h, slopes[l])
+                h = F.dropout(h, DROPOUT, training=True)
+        loss = F.cross_entropy(h, yt)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for lin, m in zip(lins, masks):
+                lin.weight.mul_(m)
+
+    ms = bc.median_ms(step, max(3, repeats // 2), warmup=2)
+    del lins, masks, opt, params
+    gc.collect()
+    return ms
+
+
+# ------------------------------------------------------------------------ scipy
+def time_scipy(model, x, y, repeats: int) -> float:
+    import scipy.sparse as sp
+
+    Ws = [l.weight.copy() for l in model.layers]
+    Wt = [w.T.tocsr() for w in Ws]  # (n_out, n_in); values refreshed after each update
+    # map: CSR position -> CSR-of-transpose position, to refresh Wt's data
+    perms = []
+    for w in Ws:
+        tagged = sp.csr_matrix((np.arange(1, w.nnz + 1, dtype=np.float64), w.indices, w.indptr), shape=w.shape)
+        perms.append((tagged.T.tocsr().data - 1).astype(np.int64))
+    rows = [np.repeat(np.arange(w.shape[0]), np.diff(w.indptr)) for w in Ws]
+    bs = [l.bias.copy() for l in model.layers]
+    vel = [np.zeros(w.nnz, np.float32) for w in Ws]
+    bvel = [np.zeros_like(b) for b in bs]
+    slopes = [np.float32(a.slope) for a in model.activations]
+    rng = np.random.default_rng(0)
+    nb = x.shape[0]
+    chunk = 1 << 15
+
+    def sddmm(r, c, a, d, out):
+        for lo in range(0, r.size, chunk):
+            hi = min(r.size, lo + chunk)
+            out[lo:hi] = np.einsum("kb,kb->k", a[r[lo:hi]], d[c[lo:hi]])
+
+    def step():
+        a = np.ascontiguousarray(x.T)
+        acts, zs, masks = [a], [], []
+        for l, (wt, b) in enumerate(zip(Wt, bs)):
+            z = wt @ acts[-1] + b[:, None]
+            zs.append(z)
+            if l < len(Wt) - 1:
+                m = (rng.random(z.shape, dtype=np.float32) >= DROPOUT).astype(np.float32) / (1 - DROPOUT)
+                masks.append(m)
+                acts.append(np.where(z >= 0, z, slopes[l] * z) * m)
+        z = zs[-1]
+        e = np.exp(z - z.max(axis=0, keepdims=True))
+        p = e / e.sum(axis=0, keepdims=True)
+        p[y, np.arange(nb)] -= 1.0
+        delta = (p / nb).astype(np.float32)
+        for l in range(len(Ws) - 1, -1, -1):
+            w = Ws[l]
+            g = np.empty(w.nnz, np.float32)
+            sddmm(rows[l], w.indices, acts[l], delta, g)
+            gb = delta.sum(axis=1)
+            if l > 0:
+                dz = w @ delta
+                delta_next = (dz * np.where(zs[l - 1] >= 0, 1.0, slopes[l - 1]) * masks[l - 1]).astype(np.float32)
+            vel[l] *= MOMENTUM
+            vel[l] -= LR * g
+            w.data += vel[l]
+            bvel[l] *= MOMENTUM
+            bvel[l] -= LR * gb
+            bs[l] += bvel[l]
+            Wt[l].data[:] = w.data[perms[l]]
+            if l > 0:
+                delta = delta_next
+
+    return bc.median_ms(step, max(3, repeats // 2), warmup=2)
+
+
+# ------------------------------------------------------------------------ driver
+def run(name: str, threads: int, repeats: int, bounds: dict[int, dict[str, float]], skip_dense: bool) -> dict:
+    spec = WORKLOADS[name]
+    widths, batch = spec["widths"], spec["batch"]
+    if spec["density"] is not None:
+        eps = [bc.epsilon_for_density(a, b, spec["density"]) for a, b in zip(widths[:-1], widths[1:])]
+    else:
+        eps = spec["epsilon"]
+    bc.set_threads(threads)
+    model = bc.build_mlp(widths, eps, seed=0, alpha=ALPHA, dropout=DROPOUT)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((batch, widths[0]), dtype=np.float32)
+    y = rng.integers(0, widths[-1], batch).astype(np.int64)
+
+    if threads not in bounds:
+        bounds[threads] = bc.machine_bound(threads)
+    bound = bounds[threads]
+    bc.set_threads(threads)
+    flops, nbytes = step_flops(model, batch), step_min_bytes(model, batch)
+    bound_ms = 1e3 * max(flops / (bound["gemm_peak_GFLOPps"] * 1e9), nbytes / (bound["stream_triad_GBps"] * 1e9))
+
+    ms, breakdown = time_hpc(model, x, y, repeats)
+    dense_weights = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    dense_bytes = MASKED_DENSE_BYTES_PER_WEIGHT * dense_weights
+    rec: dict = {"workload": name, "widths": widths, "batch": batch, "threads": threads, "nnz": model.nnz,
+                 "ms_per_step": ms}
+    skip_reason = None
+    if skip_dense or spec["all_threads_only"] or dense_bytes > MASKED_DENSE_MAX_BYTES:
+        skip_reason = (f"dense weights+mask+grad+momentum need {dense_bytes / 2**30:.1f} GiB "
+                       f"({dense_weights:,} weights x {MASKED_DENSE_BYTES_PER_WEIGHT} B); not run")
+        md = None
+    else:
+        try:
+            md = time_masked_dense(model, x, y, repeats, threads)
+        except ImportError:
+            md, skip_reason = None, "torch not installed (pip install torch==2.13.0)"
+    bc.set_threads(threads)
+    sc = time_scipy(model, x, y, repeats)
+    rec.update({
+        "masked_dense_ms_per_step": md,
+        "scipy_ms_per_step": sc,
+        "speedup_vs_masked_dense": (md / ms) if md else None,
+        "speedup_vs_scipy": sc / ms,
+        "bound_ms_per_step": bound_ms,
+        "x_bound": ms / bound_ms,
+        "compute_bound_ms_per_step": 1e3 * flops / (bound["gemm_peak_GFLOPps"] * 1e9),
+        "x_compute_bound": ms / (1e3 * flops / (bound["gemm_peak_GFLOPps"] * 1e9)),
+        "bound_kind": "compute" if flops / bound["gemm_peak_GFLOPps"] >= nbytes / bound["stream_triad_GBps"]
+        else "bandwidth",
+        "min_flops": flops, "min_bytes": nbytes,
+        "gemm_peak_GFLOPps": bound["gemm_peak_GFLOPps"], "stream_triad_GBps": bound["stream_triad_GBps"],
+        "achieved_GFLOPps": flops / ms / 1e6,
+        "breakdown_ms": breakdown,
+        "breakdown_note": "forward = fused product+bias+activation+dropout kernels (input transpose included); "
+                          "backward = fused CSR kernels of layers L-1..1 (gradient to the layer below + SDDMM "
+                          "+ momentum update + bias gradient); sddmm_update = layer 0's SDDMM + momentum update "
+                          "and the bias updates; glue = step minus the parts (Python, dispatch)",
+        "dense_bytes": dense_bytes,
+    })
+    if md is None:
+        rec["masked_dense_skipped"] = skip_reason
+    return rec
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="A,B,C,D", help="comma list of A,B,C,D")
+    ap.add_argument("--threads", default=None, help="comma list of thread counts (default: 1,all)")
+    ap.add_argument("--repeats", type=int, default=20, help="timed steps per measurement (median)")
+    ap.add_argument("--skip-dense", action="store_true", help="do not run the PyTorch masked-dense baseline")
+    args = ap.parse_args(argv)
+    allt = bc.max_threads()
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, allt})
+    bounds: dict[int, dict[str, float]] = {}
+    for name in args.workloads.split(","):
+        name = name.strip().upper()
+        for t in threads:
+            if WORKLOADS[name]["all_threads_only"] and t != allt:
+                continue
+            rec = run(name, t, args.repeats, bounds, args.skip_dense)
+            rec["machine"] = bc.machine_info()
+            bc.emit(rec)
+            gc.collect()
+
+
+if __name__ == "__main__":
+    main()
