@@ -161,52 +161,55 @@ class Trainer:
             from hpc_sparse.train_wasap import run_wasap
 
             return run_wasap(self, resume)
+        self.stop.install()  # first: a signal during start-up must not kill the rank
+        try:
+            return self._run(resume)
+        finally:
+            self.stop.restore()
+
+    def _run(self, resume: str | None) -> int:
         data = self._start(resume)
         cfg, p = self.cfg, self.progress
         n_train = self._n_train_cache = data.x_train.shape[0]
         spe = steps_per_epoch(n_train, self.size, cfg.train.batch_size)
         lr = cfg.train.lr * (self.size if cfg.parallel.lr_scaling == "linear" else 1)
         sgd = SGD(lr, cfg.train.momentum, cfg.train.nesterov, cfg.train.weight_decay)
-        self.stop.install()
-        try:
-            while p.epoch < cfg.train.epochs:
-                perm = epoch_permutation(n_train, cfg.seed, p.epoch)
-                t_epoch = time.perf_counter()
-                comm_before = self.averager.comm_seconds
-                self.log.start_epoch(p.epoch, cfg.train.epochs, spe, p.step_in_epoch)
-                while p.step_in_epoch < spe:
-                    idx = batch_indices(perm, self.size, self.rank, cfg.train.batch_size, p.step_in_epoch)
-                    loss_sum, correct = 0.0, 0
-                    if idx.size:
-                        self._last_idx = idx
-                        r = self.model.train_step(data.x_train[idx], data.y_train[idx], sgd,
-                                                  dropout_key(cfg.seed, p.step, self.rank, 0))
-                        loss_sum, correct = r.loss_sum, r.correct
-                    self._local += (loss_sum, correct, idx.size)
-                    p.step += 1
-                    p.step_in_epoch += 1
-                    self.log.step(loss_sum / max(idx.size, 1))
-                    last = bool(cfg.train.max_steps) and p.step >= cfg.train.max_steps
-                    if p.step % cfg.parallel.sync_every == 0 or p.step_in_epoch == spe or last:
-                        if self._sync_point(at_epoch_end=p.step_in_epoch == spe):
-                            return self._save_and_stop(n_train)
-                    if last:
-                        break
-                self.log.end_epoch()
-                train_seconds = time.perf_counter() - t_epoch
-                comm_seconds = self.averager.comm_seconds - comm_before
-                if p.step_in_epoch < spe:  # max_steps reached mid-epoch
+        while p.epoch < cfg.train.epochs:
+            perm = epoch_permutation(n_train, cfg.seed, p.epoch)
+            t_epoch = time.perf_counter()
+            comm_before = self.averager.comm_seconds
+            self.log.start_epoch(p.epoch, cfg.train.epochs, spe, p.step_in_epoch)
+            while p.step_in_epoch < spe:
+                idx = batch_indices(perm, self.size, self.rank, cfg.train.batch_size, p.step_in_epoch)
+                loss_sum, correct = 0.0, 0
+                if idx.size:
+                    self._last_idx = idx
+                    r = self.model.train_step(data.x_train[idx], data.y_train[idx], sgd,
+                                              dropout_key(cfg.seed, p.step, self.rank, 0))
+                    loss_sum, correct = r.loss_sum, r.correct
+                self._local += (loss_sum, correct, idx.size)
+                p.step += 1
+                p.step_in_epoch += 1
+                self.log.step(loss_sum / max(idx.size, 1))
+                last = bool(cfg.train.max_steps) and p.step >= cfg.train.max_steps
+                if p.step % cfg.parallel.sync_every == 0 or p.step_in_epoch == spe or last:
+                    if self._sync_point(at_epoch_end=p.step_in_epoch == spe):
+                        return self._save_and_stop(n_train)
+                if last:
                     break
-                self._end_epoch(data, t_epoch, train_seconds, comm_seconds)
-                # checkpoints at an epoch boundary are taken after evolution and evaluation
-                if self._flags[0]:
-                    return self._save_and_stop(n_train)
-                if self._save_due():
-                    self._save(n_train)
-            # a signal from here on is too late to matter: the run completes normally
-            self._finish(data)
-        finally:
-            self.stop.restore()
+            self.log.end_epoch()
+            train_seconds = time.perf_counter() - t_epoch
+            comm_seconds = self.averager.comm_seconds - comm_before
+            if p.step_in_epoch < spe:  # max_steps reached mid-epoch
+                break
+            self._end_epoch(data, t_epoch, train_seconds, comm_seconds)
+            # checkpoints at an epoch boundary are taken after evolution and evaluation
+            if self._flags[0]:
+                return self._save_and_stop(n_train)
+            if self._save_due():
+                self._save(n_train)
+        # a signal from here on is too late to matter: the run completes normally
+        self._finish(data)
         return 0
 
     def _sync_point(self, at_epoch_end: bool) -> bool:
