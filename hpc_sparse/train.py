@@ -93,6 +93,7 @@ class Trainer:
         self.comm.Barrier()
         threads = configure_threads(cfg, self.comm)
         data = load_dataset(cfg.data)
+        self.n_train = int(data.x_train.shape[0])
         check_data_shape(cfg, data.n_features, data.n_classes)
         self.log.info(f"hpc_sparse {__version__} | {self.size} rank(s) x {threads} thread(s) | {pc.mpi_vendor()}")
         self.log.info(f"data: {data.name} from {data.source}: {data.x_train.shape[0]} train, "
@@ -107,7 +108,7 @@ class Trainer:
         return data
 
     def _resume(self, resume: str) -> SparseMLP | None:
-        from hpc_sparse.checkpoint import CheckpointError, find_latest_valid, load_checkpoint
+        from hpc_sparse.checkpoint import find_latest_valid, load_checkpoint
 
         if resume == "auto":
             path, skipped = find_latest_valid(self.run_dir)
@@ -118,18 +119,16 @@ class Trainer:
                 return None
         else:
             path = Path(resume)
-        try:
-            state, manifest, _ = load_checkpoint(path)
-        except CheckpointError:
-            raise
+        state, manifest, _ = load_checkpoint(path)  # CheckpointError is a UserError: one line, exit 2
         meta = manifest["meta"]
         model = model_from_state(self.cfg, state, str(path))
         self._check_resume_config(meta["config"], str(path))
         self.progress = Progress(**meta["progress"])
         self.history = list(meta["history"])
         if manifest["n_ranks"] != self.size:
-            old_spe = steps_per_epoch(self._n_train(meta), manifest["n_ranks"], self.cfg.train.batch_size)
-            new_spe = steps_per_epoch(self._n_train(meta), self.size, self.cfg.train.batch_size)
+            n_train = int(meta["n_train"])
+            old_spe = steps_per_epoch(n_train, manifest["n_ranks"], self.cfg.train.batch_size)
+            new_spe = steps_per_epoch(n_train, self.size, self.cfg.train.batch_size)
             self.progress.step_in_epoch = round(self.progress.step_in_epoch * new_spe / old_spe)
             self.log.info(f"checkpoint was written by {manifest['n_ranks']} rank(s), resuming on {self.size}: "
                           "state re-sharded, data re-partitioned (mid-epoch position kept as a fraction)")
@@ -138,10 +137,6 @@ class Trainer:
                       f"step {self.progress.step_in_epoch} in epoch); widths {list(model.widths)}, nnz {model.nnz:,}")
         self.log.write_metrics(self.history)
         return model
-
-    @staticmethod
-    def _n_train(meta: dict[str, Any]) -> int:
-        return int(meta["n_train"])
 
     def _check_resume_config(self, saved: dict[str, Any], source: str) -> None:
         old = config_from_dict(saved).to_dict()
@@ -170,7 +165,7 @@ class Trainer:
     def _run(self, resume: str | None) -> int:
         data = self._start(resume)
         cfg, p = self.cfg, self.progress
-        n_train = self._n_train_cache = data.x_train.shape[0]
+        n_train = data.x_train.shape[0]
         spe = steps_per_epoch(n_train, self.size, cfg.train.batch_size)
         lr = cfg.train.lr * (self.size if cfg.parallel.lr_scaling == "linear" else 1)
         sgd = SGD(lr, cfg.train.momentum, cfg.train.nesterov, cfg.train.weight_decay)
@@ -194,7 +189,7 @@ class Trainer:
                 last = bool(cfg.train.max_steps) and p.step >= cfg.train.max_steps
                 if p.step % cfg.parallel.sync_every == 0 or p.step_in_epoch == spe or last:
                     if self._sync_point(at_epoch_end=p.step_in_epoch == spe):
-                        return self._save_and_stop(n_train)
+                        return self._save_and_stop()
                 if last:
                     break
             self.log.end_epoch()
@@ -205,9 +200,9 @@ class Trainer:
             self._end_epoch(data, t_epoch, train_seconds, comm_seconds)
             # checkpoints at an epoch boundary are taken after evolution and evaluation
             if self._flags[0]:
-                return self._save_and_stop(n_train)
+                return self._save_and_stop()
             if self._save_due():
-                self._save(n_train)
+                self._save()
         # a signal from here on is too late to matter: the run completes normally
         self._finish(data)
         return 0
@@ -230,15 +225,15 @@ class Trainer:
         if self._flags[0]:
             return True
         if self._save_due():
-            self._save(self._n_train_cache)
+            self._save()
         return False
 
     def _save_due(self) -> bool:
         every = self.cfg.checkpoint.every_steps
         return bool(self._flags[2]) or (every > 0 and self.progress.step - self.progress.last_save_step >= every)
 
-    def _save_and_stop(self, n_train: int) -> int:
-        self._save(n_train)
+    def _save_and_stop(self) -> int:
+        self._save()
         self.log.info(f"stop signal ({self.stop.signal_name or 'on another rank'}) handled at step "
                       f"{self.progress.step}: checkpoint written; exiting with status {EXIT_REQUEUE} "
                       "so the job script requeues")
@@ -301,7 +296,7 @@ class Trainer:
             raise UserError(f"training diverged in epoch {p.epoch} (loss is NaN or inf); fix: lower train.lr")
 
     # ---------------------------------------------------------------- output
-    def _save(self, n_train: int) -> None:
+    def _save(self) -> None:
         from hpc_sparse.checkpoint import save_checkpoint
 
         p = self.progress
@@ -313,7 +308,7 @@ class Trainer:
         saved.epoch_count += int(tot[2])
         saved.last_save_step = p.step
         meta = {"config": self.cfg.to_dict(), "progress": asdict(saved), "history": self.history,
-                "epoch": p.epoch, "n_train": n_train, "widths": list(self.model.widths),
+                "epoch": p.epoch, "n_train": self.n_train, "widths": list(self.model.widths),
                 "model_sha256": self.model.sha256(),
                 "rng": "counter-based: data order = f(seed, epoch), dropout = f(seed, step, rank, layer), "
                        "topology = f(seed, evolution, layer)"}
@@ -325,7 +320,7 @@ class Trainer:
 
     def _finish(self, data: Dataset) -> None:
         if self.cfg.checkpoint.at_end and self.progress.last_save_step != self.progress.step:
-            self._save(data.x_train.shape[0])
+            self._save()
         last = dict(self.history[-1]) if self.history else {}
         if not self.history or last.get("step") != self.progress.step:  # stopped mid-epoch: measure afresh
             last["test_loss"], last["test_accuracy"] = evaluate(self.model, data, self.comm,

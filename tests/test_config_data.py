@@ -106,7 +106,7 @@ def test_idx_folder_loading_and_errors(tmp_path):
     _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (20, 28, 28)))
     _write_idx(tmp_path / "train-labels-idx1-ubyte", rng.integers(0, 10, 20))
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (5, 28, 28)))
-    cfg = load_config(None, [f"data.name=\"mnist\"", f"data.path=\"{tmp_path}\""])
+    cfg = load_config(None, ["data.name=\"mnist\"", f"data.path=\"{tmp_path}\""])
     with pytest.raises(UserError, match=r"mnist files missing in .*: t10k-labels-idx1-ubyte\[.gz\]; fix"):
         load_dataset(cfg.data)
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 5))
