@@ -41,3 +41,21 @@ def dense_loss(model: SparseMLP, x: np.ndarray, y: np.ndarray, weights=None, bia
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     return float(-logp[np.arange(len(y)), y].mean())
+
+
+def find_mpiexec() -> str:
+    """The mpiexec that belongs to this Python (PyPI's mpich puts it beside the interpreter),
+    else the one on PATH. pip run as ``python -m pip`` does not refresh pyenv's shims, so PATH
+    alone is not enough on a fresh machine."""
+    import shutil
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    for folder in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
+        if (folder / "mpiexec").exists():
+            return str(folder / "mpiexec")
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise RuntimeError("no mpiexec beside the interpreter or on PATH; fix: pip install mpich")
+    return found

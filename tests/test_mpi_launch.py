@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -11,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import find_mpiexec
+
 ROOT = Path(__file__).resolve().parents[1]
-MPIEXEC = shutil.which("mpiexec")
-pytestmark = [pytest.mark.mpi, pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH")]
+MPIEXEC = find_mpiexec()
+pytestmark = [pytest.mark.mpi]
 ENV = {**os.environ, "HPC_SPARSE_THREADS": "1"}
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import find_mpiexec
+
 ROOT = Path(__file__).resolve().parents[1]
-MPIEXEC = shutil.which("mpiexec")
+MPIEXEC = find_mpiexec()
 ENV = {**os.environ, "HPC_SPARSE_THREADS": "1"}
 ARGS = ["--config", "configs/synthetic-quick.toml", "--set", "data.n_train=1200", "--set", "data.n_test=400",
         "--set", "model.layers=[500,80,60,4]", "--set", "train.epochs=4", "--set", "train.batch_size=32",
@@ -88,7 +90,6 @@ def test_stop_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, ranks):
     assert sha(run_dir) == sha(tmp_path / "uninterrupted")
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
 def test_resume_on_a_different_number_of_ranks(tmp_path):
     train(2, tmp_path, "--set", "train.max_steps=30")
     for ranks in (1, 3):

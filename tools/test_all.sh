@@ -21,10 +21,14 @@ fi
 echo "== pip install -e .[test]"
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 
+# PyPI's mpich installs mpiexec beside the interpreter; `python -m pip` does not refresh
+# pyenv's shims, so do not rely on PATH alone.
+MPIEXEC=$(python3 -c 'import sys, pathlib; p = pathlib.Path(sys.executable).with_name("mpiexec"); print(p if p.exists() else "mpiexec")')
+
 export HPC_SPARSE_THREADS=1
 echo "== serial suite (one process)"
 python3 -m pytest -q -p no:cacheprovider tests
 for n in 2 3; do
     echo "== MPI suite under mpiexec -n $n"
-    mpiexec -n "$n" python3 -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi
+    "$MPIEXEC" -n "$n" python3 -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi
 done

@@ -399,8 +399,10 @@ FAULT = textwrap.dedent("""
 @pytest.mark.parametrize("who,method", [("1", "gradients"), ("0", "train_step")])
 def test_a_failing_rank_ends_the_wasap_job_quickly(comm, tmp_path, who, method):
     """A worker failing mid-gradient, or the server failing mid-step, aborts all ranks."""
-    mpiexec = shutil.which("mpiexec")
-    if comm.Get_size() > 1 or mpiexec is None:
+    from helpers import find_mpiexec
+
+    mpiexec = find_mpiexec()
+    if comm.Get_size() > 1:
         pytest.skip("launches mpiexec itself: run from a plain (one-process) pytest")
     script = tmp_path / "fault.py"
     script.write_text(FAULT)

@@ -156,7 +156,7 @@ def test_signal_requeue_resume_matches_uninterrupted_run(slurm, tmp_path):
     run_dir = tmp_path / "slurm-run"
     out_file = tmp_path / "job-%j.out"
     env = dict(os.environ, RUN_DIR=str(run_dir), CONFIG=CONFIG, SETS=" ".join(train_sets),
-               PYTHON=sys.executable, LAUNCHER=os.environ.get("HPC_SPARSE_TEST_LAUNCHER", "mpiexec"),
+               PYTHON=sys.executable, LAUNCHER=os.environ.get("HPC_SPARSE_TEST_LAUNCHER", _mpiexec()),
                HPC_SPARSE_ROOT=str(ROOT))
     sub = _sh("sbatch", "--parsable", f"--time={TIME_LIMIT_S // 60}",
               f"--signal=B:USR1@{offset}", f"--output={out_file}", f"--chdir={ROOT}",
