@@ -239,12 +239,17 @@ class Trainer:
                       "so the job script requeues")
         return EXIT_REQUEUE
 
+    def _epoch_sums(self) -> tuple[float, int, int]:
+        """This epoch's training (loss sum, hits, samples) so far over all ranks, including
+        what a resumed checkpoint had already counted. Collective."""
+        p = self.progress
+        tot = pc.allreduce_sum_(self.comm, self._local.copy())
+        return p.epoch_loss_sum + float(tot[0]), p.epoch_correct + int(tot[1]), p.epoch_count + int(tot[2])
+
     def _end_epoch(self, data: Dataset, t_epoch: float, train_seconds: float, comm_seconds: float) -> None:
         p, cfg = self.progress, self.cfg
-        tot = pc.allreduce_sum_(self.comm, self._local.copy())
+        loss_sum, correct, count = self._epoch_sums()
         self._local = np.zeros(3)
-        loss_sum = p.epoch_loss_sum + tot[0]
-        count = p.epoch_count + tot[2]
         widths_before = list(self.model.widths)
         pruned = None
         if prune_neurons_after_epoch(p.epoch, cfg.train.epochs, cfg.importance.enabled,
@@ -256,7 +261,8 @@ class Trainer:
             self.log.info(f"importance pruning after epoch {p.epoch + 1}: removed {pruned} neurons; "
                           f"widths {widths_before} -> {list(self.model.widths)}")
         t_evolve = 0.0
-        if evolve_after_epoch(p.epoch, cfg.train.epochs, cfg.topology.evolve_every):
+        evolved = evolve_after_epoch(p.epoch, cfg.train.epochs, cfg.topology.evolve_every)
+        if evolved:
             t0 = time.perf_counter()
             zeta = drop_fraction(cfg.topology.growth, p.epoch, cfg.train.epochs, cfg.topology.zeta,
                                  cfg.topology.rigl_end_fraction)
@@ -267,14 +273,14 @@ class Trainer:
                          gather=gather)
             p.evolutions += 1
             t_evolve = time.perf_counter() - t0
-        if pruned is not None or t_evolve:
+        if pruned is not None or evolved:
             arrays, names = self.model.topology_arrays()
             pc.check_agreement(self.comm, arrays, names)
         test_loss, test_acc = evaluate(self.model, data, self.comm, cfg.train.eval_batch_size)
         epoch_seconds = time.perf_counter() - t_epoch
         rec = {
             "epoch": p.epoch + 1, "step": p.step, "train_loss": loss_sum / max(count, 1),
-            "train_accuracy": (p.epoch_correct + tot[1]) / max(count, 1),
+            "train_accuracy": correct / max(count, 1),
             "test_loss": test_loss, "test_accuracy": test_acc, "nnz": self.model.nnz,
             "neurons": self.model.hidden_neurons, "widths": list(self.model.widths),
             "epoch_seconds": epoch_seconds, "train_seconds": train_seconds, "evolve_seconds": t_evolve,
@@ -300,12 +306,9 @@ class Trainer:
         from hpc_sparse.checkpoint import save_checkpoint
 
         p = self.progress
-        # fold the per-rank partial epoch sums into global ones so any P can resume them
-        tot = pc.allreduce_sum_(self.comm, self._local.copy())
         saved = Progress(**asdict(p))
-        saved.epoch_loss_sum += float(tot[0])
-        saved.epoch_correct += int(tot[1])
-        saved.epoch_count += int(tot[2])
+        # global sums, not this rank's: a resume on any number of ranks continues them
+        saved.epoch_loss_sum, saved.epoch_correct, saved.epoch_count = self._epoch_sums()
         saved.last_save_step = p.step
         meta = {"config": self.cfg.to_dict(), "progress": asdict(saved), "history": self.history,
                 "epoch": p.epoch, "n_train": self.n_train, "widths": list(self.model.widths),

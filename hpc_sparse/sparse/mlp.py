@@ -131,7 +131,7 @@ class SparseMLP:
             key = (np.uint64((int(dropout_key) + l * 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF)
                    if p > 0 else np.uint64(0))
             act.spmm_forward_act(layer.t_indptr, layer.t_rows, layer.t_perm, w.data, a_prev, layer.bias,
-                                 buf.z[l], f.kind, np.float32(f.slope), threshold if p > 0 else np.uint64(0),
+                                 buf.z[l], f.kind, np.float32(f.slope), threshold,
                                  scale, key, buf.a[l], buf.keep[l])
             a_prev = buf.a[l]
         raise AssertionError("unreachable")
@@ -174,28 +174,31 @@ class SparseMLP:
                                       f.kind, np.float32(f.slope), scale, use_dropout, buf.delta[l - 1])
             kernels.sddmm(w.indptr, w.indices, a_prev, delta, grads[l])
 
+    def _forward_loss(self, x: np.ndarray, y: np.ndarray, dropout_key: np.uint64 | None
+                      ) -> tuple[_Buffers, bool]:
+        """Forward pass and softmax cross-entropy of a training batch; the buffers then hold
+        everything :meth:`_backward` and RigL (:meth:`last_batch`) need."""
+        buf = self._bufs(x.shape[0])
+        self._last_train_batch = x.shape[0]
+        use_dropout = dropout_key is not None and self.dropout > 0
+        logits = self._forward(x, buf, dropout_key if use_dropout else None)
+        softmax_xent(logits, y, buf.delta[-1], buf.losses, buf.correct)
+        return buf, use_dropout
+
     def train_step(self, x: np.ndarray, y: np.ndarray, sgd: SGD, dropout_key: np.uint64 | None) -> StepResult:
         """One SGD step on the batch x (B, n_in) float32, y (B,) int; updates weights in place.
 
         ``dropout_key`` (see :func:`activations.dropout_key`) seeds this step's dropout
         masks; ``None`` disables dropout. Returns the batch's summed loss and hits.
         """
-        buf = self._bufs(x.shape[0])
-        self._last_train_batch = x.shape[0]
-        use_dropout = dropout_key is not None and self.dropout > 0
-        logits = self._forward(x, buf, dropout_key if use_dropout else None)
-        softmax_xent(logits, y, buf.delta[-1], buf.losses, buf.correct)
+        buf, use_dropout = self._forward_loss(x, y, dropout_key)
         self._backward(buf, use_dropout, sgd, None)
         return StepResult(float(buf.losses.sum()), int(buf.correct.sum()), x.shape[0])
 
     def gradients(self, x: np.ndarray, y: np.ndarray, dropout_key: np.uint64 | None = None
                   ) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
         """Mean loss and its gradients without updating: (loss, [dW data (nnz,)], [db (n_out,)])."""
-        buf = self._bufs(x.shape[0])
-        self._last_train_batch = x.shape[0]
-        use_dropout = dropout_key is not None and self.dropout > 0
-        logits = self._forward(x, buf, dropout_key if use_dropout else None)
-        softmax_xent(logits, y, buf.delta[-1], buf.losses, buf.correct)
+        buf, use_dropout = self._forward_loss(x, y, dropout_key)
         grads = [np.empty(l.nnz, np.float32) for l in self.layers]
         self._backward(buf, use_dropout, None, grads)
         return float(buf.losses.mean()), grads, [g.copy() for g in buf.gbias]
