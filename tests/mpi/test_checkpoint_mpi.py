@@ -9,8 +9,6 @@ so a failing assertion on one rank cannot leave the other ranks waiting in a col
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,24 +24,6 @@ from hpc_sparse.checkpoint import (  # noqa: E402
     load_checkpoint,
     save_checkpoint,
 )
-
-
-@pytest.fixture(scope="module")
-def comm():
-    dup = MPI.COMM_WORLD.Dup()  # isolate our collectives from anything else on COMM_WORLD
-    yield dup
-    dup.Free()
-
-
-@pytest.fixture
-def run_dir(comm):
-    """A folder shared by all ranks (rank 0 creates it, everyone gets its name)."""
-    path = tempfile.mkdtemp(prefix="ckpt-mpi-") if comm.rank == 0 else None
-    path = Path(comm.bcast(path, root=0))
-    yield path
-    comm.Barrier()
-    if comm.rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def make_state(n_layers=5):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,23 +28,6 @@ BASE = ["data.n_train=600", "data.n_test=300", "data.n_features=60", "data.n_inf
         "train.lr=0.05", "train.threads=1", "checkpoint.at_end=false"]
 
 
-@pytest.fixture(scope="module")
-def comm():
-    dup = MPI.COMM_WORLD.Dup()
-    yield dup
-    dup.Free()
-
-
-@pytest.fixture
-def shared_dir(comm):
-    path = tempfile.mkdtemp(prefix="hpc_sparse_mpi_") if comm.rank == 0 else None
-    path = Path(comm.bcast(path, root=0))
-    yield path
-    comm.Barrier()
-    if comm.rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def train(comm, run_dir: Path, overrides: list[str]) -> Trainer:
     cfg = load_config(None, BASE + overrides)
     t = Trainer(cfg, comm, run_dir, quiet=True)
@@ -58,20 +39,20 @@ def gathered(comm, value: str) -> list[str]:
     return comm.allgather(value)
 
 
-def test_same_seed_same_model(comm, shared_dir):
-    a = train(comm, shared_dir / "a", [])
-    b = train(comm, shared_dir / "b", [])
+def test_same_seed_same_model(comm, run_dir):
+    a = train(comm, run_dir / "a", [])
+    b = train(comm, run_dir / "b", [])
     ha, hb = gathered(comm, a.model.sha256()), gathered(comm, b.model.sha256())
     assert ha[0] == hb[0]
     assert len(set(ha)) == 1
     if comm.rank == 0:
-        s = json.loads((shared_dir / "a" / "summary.json").read_text())
+        s = json.loads((run_dir / "a" / "summary.json").read_text())
         assert s["model_sha256"] == ha[0] and s["ranks"] == comm.size
 
 
 @pytest.mark.parametrize("growth", ["random", "gradient"])
-def test_replicas_identical_after_evolution_and_pruning(comm, shared_dir, growth):
-    t = train(comm, shared_dir / growth, [f"topology.growth=\"{growth}\"", "importance.enabled=true",
+def test_replicas_identical_after_evolution_and_pruning(comm, run_dir, growth):
+    t = train(comm, run_dir / growth, [f"topology.growth=\"{growth}\"", "importance.enabled=true",
                                           "importance.start_epoch=0", "importance.every=1",
                                           "model.dropout=0.3", "parallel.sync_every=3"])
     # right after the final sync every rank holds bit-identical topology and weights
@@ -81,12 +62,12 @@ def test_replicas_identical_after_evolution_and_pruning(comm, shared_dir, growth
     assert t.model.widths[1] < 40  # pruning happened (identically everywhere)
 
 
-def test_ranks_match_one_process_with_the_union_batch(comm, shared_dir):
+def test_ranks_match_one_process_with_the_union_batch(comm, run_dir):
     """Plain SGD, sync_every=1: P ranks with batch B == one process with batch P*B."""
     over = ["train.momentum=0", "model.dropout=0", "parallel.sync_every=1", "topology.evolve_every=0",
             "parallel.lr_scaling=\"none\"",
             "train.epochs=2"]
-    t = train(comm, shared_dir / "p", over)
+    t = train(comm, run_dir / "p", over)
     cfg = load_config(None, BASE + over)
     data = load_dataset(cfg.data)
     ref = build_model(cfg)
@@ -112,9 +93,9 @@ def test_each_sample_once_per_epoch_across_ranks(comm):
     assert np.array_equal(np.sort(everything), np.arange(n))
 
 
-def test_metrics_are_exact_reductions(comm, shared_dir):
+def test_metrics_are_exact_reductions(comm, run_dir):
     """Test accuracy from P ranks equals a one-process evaluation of the same weights."""
-    t = train(comm, shared_dir / "m", ["train.epochs=1"])
+    t = train(comm, run_dir / "m", ["train.epochs=1"])
     data = load_dataset(t.cfg.data)
     r = t.model.evaluate(data.x_test, data.y_test, 1000)
     assert t.history[-1]["test_accuracy"] == pytest.approx(r.correct / r.count, abs=0)
