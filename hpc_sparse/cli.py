@@ -3,6 +3,10 @@
 Exit status: 0 success; 2 bad input (config, data, checkpoint; one line on stderr naming
 the fix); 75 stopped by a signal after checkpointing (requeue me); 1 anything else.
 Under MPI, an error on any rank aborts the whole job at once with that rank's message.
+
+``train`` picks the schedule by ``parallel.mode`` (:func:`hpc_sparse.schedules.schedule_for`)
+and runs it on the engine. Its stop flag (SIGUSR1/SIGTERM) is installed first thing, before
+the heavy imports, so that a stop request during start-up is not fatal to the rank.
 """
 
 from __future__ import annotations
@@ -53,20 +57,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key:28s} {default:24s} {text}")
         return 0
 
+    from hpc_sparse.runtime.signals import EXIT_REQUEUE, StopFlag
+
+    stop = StopFlag().install() if args.command == "train" else None
     from hpc_sparse.parallel import comm as pc
-    from hpc_sparse.parallel.signals import EXIT_REQUEUE, exit_requeue
 
     comm = pc.world()
     try:
         if args.command == "train":
-            status = _train(args, comm)
+            status = _train(args, comm, stop)
             if status == EXIT_REQUEUE:
-                exit_requeue(status)  # finalize MPI and leave with 75 on every launcher; never returns
+                # the stop flag's handlers stay installed: a second signal now cannot turn 75
+                # into death by signal; MPI is finalized and the rank leaves with 75 on every
+                # launcher (never returns)
+                pc.exit_with_status(status)
             return status
         if args.command == "evaluate":
             return _evaluate(args, comm)
         return _info(args)
     except UserError as exc:
+        if exc.every_rank:  # raised on every rank at once: nobody waits; rank 0 prints the one line
+            pc.abort_on_error(pc.self_comm(), exc, EXIT_USER_ERROR, quiet=comm.Get_rank() != 0)
+            return EXIT_USER_ERROR
         pc.abort_on_error(comm, exc, EXIT_USER_ERROR)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
@@ -82,18 +94,21 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def _train(args: argparse.Namespace, comm) -> int:  # noqa: ANN001
+def _train(args: argparse.Namespace, comm, stop) -> int:  # noqa: ANN001
     from hpc_sparse.config import load_config
-    from hpc_sparse.train import Trainer
+    from hpc_sparse.engine import Engine
+    from hpc_sparse.schedules import schedule_for
 
     cfg = load_config(args.config, args.overrides)
-    return Trainer(cfg, comm, Path(args.run_dir), quiet=args.quiet).run(args.resume)
+    engine = Engine(cfg, comm, Path(args.run_dir), quiet=args.quiet, stop=stop)
+    return engine.run_schedule(schedule_for(cfg.parallel.mode), args.resume)
 
 
 def _load_run(run_dir: Path, checkpoint: str | None):  # noqa: ANN202
     from hpc_sparse.checkpoint import find_latest_valid, load_checkpoint
     from hpc_sparse.config import config_from_dict
-    from hpc_sparse.model_builder import model_from_state
+    from hpc_sparse.engine import MODEL_PREFIX
+    from hpc_sparse.model_builder import model_from_rank_arrays, model_from_state
 
     if checkpoint:
         path = Path(checkpoint)
@@ -104,18 +119,21 @@ def _load_run(run_dir: Path, checkpoint: str | None):  # noqa: ANN202
         if path is None:
             raise UserError(f"no valid checkpoint in '{run_dir}'; fix: train with checkpoint.at_end=true "
                             "(the default) or pass --checkpoint")
-    state, manifest, _ = load_checkpoint(path)
+    state, manifest, rank_state = load_checkpoint(path, rank=0)
     cfg = config_from_dict(manifest["meta"]["config"])
+    if not state and rank_state:  # a checkpoint of per-rank models (WASAP-SGD's local phase)
+        print(f"note: {path} holds one model per rank (WASAP-SGD's local phase); this is rank 0's", file=sys.stderr)
+        mine = {k[len(MODEL_PREFIX):]: v for k, v in rank_state.items() if k.startswith(MODEL_PREFIX)}
+        return cfg, model_from_rank_arrays(cfg, mine, str(path)), manifest, path
     return cfg, model_from_state(cfg, state, str(path)), manifest, path
 
 
 def _evaluate(args: argparse.Namespace, comm) -> int:  # noqa: ANN001
-    from hpc_sparse.data import load_dataset
-    from hpc_sparse.train import configure_threads, evaluate
+    from hpc_sparse.engine import configure_threads, evaluate, load_data
 
     cfg, model, manifest, path = _load_run(Path(args.run_dir), args.checkpoint)
     configure_threads(cfg, comm)
-    data = load_dataset(cfg.data)
+    data = load_data(cfg)
     loss, acc = evaluate(model, data, comm, cfg.train.eval_batch_size)
     if comm.Get_rank() == 0:
         print(json.dumps({"checkpoint": str(path), "step": manifest["step"], "test_loss": loss,

@@ -5,4 +5,13 @@ class UserError(Exception):
     """Bad input (config, data, checkpoint). The message names the problem and the fix.
 
     The CLI prints it as a single line and exits with status 2; no traceback.
+
+    ``every_rank=True`` marks an error raised on every rank at the same point (decided from
+    data all ranks share, or after a collective agreement): no rank is left waiting, so
+    the training engine lets it propagate instead of aborting the MPI job, and a Python
+    caller can catch it. Any other exception on one rank of several ends the whole job.
     """
+
+    def __init__(self, message: str, *, every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.every_rank = every_rank

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from hpc_sparse.config import Config
 from hpc_sparse.errors import UserError
@@ -42,12 +43,46 @@ def model_from_state(cfg: Config, state: dict[str, object], source: str) -> Spar
     want = cfg.model.layers
     if n_layers != len(want) - 1:
         raise UserError(f"checkpoint {source} has {n_layers} weight layers but model.layers={want} needs "
-                        f"{len(want) - 1}; fix: use the run's original model.layers or a new --run-dir")
+                        f"{len(want) - 1}; fix: use the run's original model.layers or a new --run-dir",
+                        every_rank=True)
     widths = [state["layers/0/W"].shape[0]] + [state[f"layers/{l}/W"].shape[1] for l in range(n_layers)]  # type: ignore[attr-defined]
     bad = (widths[0] != want[0] or widths[-1] != want[-1]
            or any(h > w for h, w in zip(widths[1:-1], want[1:-1])))
     if bad:
         raise UserError(f"checkpoint {source} has layer widths {widths} but the config says model.layers={want}; "
-                        "fix: use the run's original model.layers or a new --run-dir")
+                        "fix: use the run's original model.layers or a new --run-dir", every_rank=True)
     acts = hidden_activations(cfg.model.activation, cfg.model.alpha, n_layers - 1)
     return SparseMLP.from_state_dict(state, acts, cfg.model.dropout)
+
+
+def model_rank_arrays(model: SparseMLP) -> dict[str, np.ndarray]:
+    """A model as plain dense arrays (for a checkpoint's per-rank state, which holds no CSR):
+    per layer ``layers/<l>/W/data``, ``W/indices``, ``W/indptr``, ``W/shape`` (int64 (2,)),
+    ``W_velocity``, ``b``, ``b_velocity``. No copies."""
+    out: dict[str, np.ndarray] = {}
+    for l, layer in enumerate(model.layers):
+        w = layer.weight
+        out.update({f"layers/{l}/W/data": w.data, f"layers/{l}/W/indices": w.indices,
+                    f"layers/{l}/W/indptr": w.indptr, f"layers/{l}/W/shape": np.asarray(w.shape, np.int64),
+                    f"layers/{l}/W_velocity": layer.w_velocity, f"layers/{l}/b": layer.bias,
+                    f"layers/{l}/b_velocity": layer.b_velocity})
+    return out
+
+
+def model_from_rank_arrays(cfg: Config, arrays: dict[str, np.ndarray], source: str) -> SparseMLP:
+    """The inverse of :func:`model_rank_arrays`, with the checks of :func:`model_from_state`."""
+    state: dict[str, object] = {}
+    n_layers = len([k for k in arrays if k.startswith("layers/") and k.endswith("/W/data")])
+    try:
+        for l in range(n_layers):
+            shape = tuple(int(s) for s in arrays[f"layers/{l}/W/shape"])
+            w = sp.csr_matrix(shape, dtype=np.float32)
+            w.data, w.indices, w.indptr = (arrays[f"layers/{l}/W/{k}"] for k in ("data", "indices", "indptr"))
+            w.check_format(full_check=True)
+            state[f"layers/{l}/W"] = w
+            for k in ("W_velocity", "b", "b_velocity"):
+                state[f"layers/{l}/{k}"] = arrays[f"layers/{l}/{k}"]
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"checkpoint {source}: this rank's model is incomplete or inconsistent ({exc}); "
+                        "fix: resume an older checkpoint", every_rank=False) from exc
+    return model_from_state(cfg, state, source)

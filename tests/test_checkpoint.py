@@ -241,11 +241,27 @@ def test_multi_rank_save_shards_disjointly(tmp_path):
         assert load_checkpoint(path, rank=r)[2]["seed"].tolist() == [r]
 
 
-def test_existing_step_is_replaced(tmp_path):
+def test_existing_step_is_replaced_and_the_old_copy_kept_renamed(tmp_path):
     save(tmp_path, 7, {"w": np.zeros(3)})
     path = save(tmp_path, 7, {"w": np.ones(3)})
     assert load_checkpoint(path)[0]["w"].tolist() == [1, 1, 1]
-    assert sorted(p.name for p in checkpoint_dir(tmp_path).iterdir()) == ["step-000000007"]
+    names = sorted(p.name for p in checkpoint_dir(tmp_path).iterdir())
+    assert names[0] == "step-000000007" and len(names) == 2
+    assert names[1].startswith("step-000000007.replaced-")  # ignored by discovery, never deleted
+    assert load_checkpoint(checkpoint_dir(tmp_path) / names[1])[0]["w"].tolist() == [0, 0, 0]
+    assert find_latest_valid(tmp_path)[0] == path
+
+
+def test_corrupt_step_reached_again_is_kept_renamed_invalid(tmp_path):
+    """Issue 11, defect 6: a corrupt step-N that a run saves again is set aside as
+    step-N.invalid-<time>, byte for byte, not deleted."""
+    old = save(tmp_path, 7, {"w": np.zeros(3)})
+    flip_byte(shard_of(old))
+    damaged = {p.name: p.read_bytes() for p in old.iterdir()}
+    save(tmp_path, 7, {"w": np.ones(3)})
+    kept = [p for p in checkpoint_dir(tmp_path).iterdir() if p.name.startswith("step-000000007.invalid-")]
+    assert len(kept) == 1
+    assert {p.name: p.read_bytes() for p in kept[0].iterdir()} == damaged
 
 
 # ---------------------------------------------------------------- damaged checkpoints

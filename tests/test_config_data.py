@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from dataclasses import asdict
 from pathlib import Path
 
 import h5py
@@ -108,9 +109,9 @@ def test_idx_folder_loading_and_errors(tmp_path):
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (5, 28, 28)))
     cfg = load_config(None, ["data.name=\"mnist\"", f"data.path=\"{tmp_path}\""])
     with pytest.raises(UserError, match=r"mnist files missing in .*: t10k-labels-idx1-ubyte\[.gz\]; fix"):
-        load_dataset(cfg.data)
+        load_dataset(**asdict(cfg.data))
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 5))
-    data = load_dataset(cfg.data)
+    data = load_dataset(**asdict(cfg.data))
     assert data.x_train.shape == (20, 784) and data.x_test.shape == (5, 784)
     assert data.x_train.max() <= 1.0  # mnist: /255
     (tmp_path / "bad-idx").write_bytes(b"\x01\x02\x03\x04")
@@ -121,7 +122,7 @@ def test_idx_folder_loading_and_errors(tmp_path):
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
     cfg = load_config(None, ["data.name=\"fashion-mnist\"", f"data.path=\"{tmp_path / 'none'}\""])
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
-        load_dataset(cfg.data)
+        load_dataset(**asdict(cfg.data))
 
 
 def test_npz_and_h5_files(tmp_path):
@@ -132,14 +133,13 @@ def test_npz_and_h5_files(tmp_path):
         f["X"], f["y"] = x[:10], y[:10]
     cfg = load_config(None, ["data.name=\"file\"", f"data.path=\"{tmp_path / 'train.npz'}\"",
                              f"data.test_path=\"{tmp_path / 'test.h5'}\""])
-    data = load_dataset(cfg.data)
+    data = load_dataset(**asdict(cfg.data))
     assert data.x_train.shape == (30, 6) and data.n_classes == 3
     np.savez(tmp_path / "bad.npz", X=x[:, :, None], y=y)
     cfg2 = load_config(None, ["data.name=\"file\"", f"data.path=\"{tmp_path / 'bad.npz'}\"",
                               f"data.test_path=\"{tmp_path / 'test.h5'}\""])
     with pytest.raises(UserError, match=r"X has shape \(30, 6, 1\), expected \(n_samples, n_features\)"):
-        load_dataset(cfg2.data)
+        load_dataset(**asdict(cfg2.data))
     np.savez(tmp_path / "bad2.npz", X=x, y=y[:5])
     with pytest.raises(UserError, match="y has shape"):
-        load_dataset(load_config(None, ["data.name=\"file\"", f"data.path=\"{tmp_path / 'bad2.npz'}\"",
-                                        f"data.test_path=\"{tmp_path / 'test.h5'}\""]).data)
+        load_dataset("file", str(tmp_path / "bad2.npz"), str(tmp_path / "test.h5"))

@@ -115,7 +115,9 @@ def test_explicit_corrupt_checkpoint_is_refused_and_kept(tmp_path):
     assert shard.read_bytes() == bytes(raw)  # never deleted or rewritten
     auto = train(1, tmp_path, "--resume", "auto")  # auto skips it, says so, and starts fresh
     assert "skipping invalid checkpoint" in auto.stderr
-    assert ck.is_dir()
+    # the fresh run left that line of the run: the corrupt one is set aside, renamed, unchanged
+    kept = list((tmp_path / "checkpoints").glob(f"{ck.name}.invalid-*"))
+    assert len(kept) == 1 and (kept[0] / shard.name).read_bytes() == bytes(raw)
 
 
 def test_architecture_mismatch_is_refused_naming_both(tmp_path):

@@ -1,4 +1,4 @@
-"""Unit tests of hpc_sparse.parallel.slurm (explicit environ dicts) and .signals."""
+"""Unit tests of hpc_sparse.runtime.slurm (explicit environ dicts), .signals and .host."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import signal
 
 import pytest
 
-from hpc_sparse.parallel.signals import EXIT_REQUEUE, StopFlag
-from hpc_sparse.parallel.slurm import SlurmEnv, describe, read_slurm_env
+from hpc_sparse.runtime.signals import EXIT_REQUEUE, StopFlag
+from hpc_sparse.runtime.slurm import SlurmEnv, describe, read_slurm_env
 
 # What `sbatch --ntasks=2 --cpus-per-task=1` showed inside the batch script on the
 # project's single-node slurm-wlm 22.05 (requeued once).
@@ -106,8 +106,18 @@ def test_reads_os_environ_by_default(monkeypatch):
 # --- signals -----------------------------------------------------------------------
 
 
-def test_exit_requeue_value():
-    assert EXIT_REQUEUE == 75
+def test_exit_requeue_value_is_the_one_the_job_scripts_requeue_on():
+    """The trainer's stop status and the status jobs/_run_training.sh requeues on are one value,
+    and the CLI's and README's exit-status tables name it."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shell = (root / "jobs" / "_run_training.sh").read_text()
+    assert f"HS_EXIT_REQUEUE={EXIT_REQUEUE}\n" in shell
+    assert f"| {EXIT_REQUEUE} | stopped by SIGUSR1/SIGTERM" in (root / "README.md").read_text()
+    import hpc_sparse.cli as cli
+
+    assert f"{EXIT_REQUEUE} stopped by a signal" in cli.__doc__
 
 
 def test_usr1_sets_flag_and_restore_puts_previous_handler_back():
@@ -164,13 +174,13 @@ def test_custom_signals_and_restore_is_idempotent():
     assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
 
 
-_EXIT_CODE = ("from hpc_sparse.parallel.signals import exit_requeue; print('x', end=''); "
-              "exit_requeue()")
+_EXIT_CODE = ("from hpc_sparse.parallel.comm import exit_with_status; print('x', end=''); "
+              "exit_with_status(75)")
 
 
 @pytest.mark.parametrize("prefix", [[], ["-m", "mpi4py"]], ids=["plain", "python-m-mpi4py"])
 def test_exit_requeue_status_and_flush(prefix):
-    """exit_requeue() leaves with 75 and flushed output, also under ``python -m mpi4py``
+    """exit_with_status(75) leaves with 75 and flushed output, also under ``python -m mpi4py``
     (where ``sys.exit(75)`` would become ``MPI_Abort``)."""
     import subprocess
     import sys

@@ -26,7 +26,7 @@ except ImportError:  # run from a source tree without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpc_sparse.checkpoint import CheckpointError, checkpoint_dir, list_checkpoints, verify_checkpoint
-from hpc_sparse.checkpoint.manager import read_manifest
+from hpc_sparse.checkpoint import read_manifest
 
 
 def scan_shard(path: Path) -> list[dict[str, Any]]:

@@ -11,8 +11,9 @@ A committed checkpoint is a folder ``RUN_DIR/checkpoints/step-<N:09d>/`` holding
   and where every array lives. A folder without a valid manifest is never loaded.
 
 Only numeric datasets and JSON are used: nothing is pickled, so loading a checkpoint never runs
-code. This module knows nothing about MPI; ``manager.py`` orchestrates the collective save and
-holds the verification (manifest structure, sizes, checksums) that decides what may be loaded.
+code. This module knows nothing about MPI; ``manager.py`` orchestrates the collective save,
+``verify.py`` decides what may be loaded, ``discovery.py`` finds (and sets aside) folders and
+``agreed.py`` is the collective load of a resuming run.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1,)
 MANIFEST_NAME = "manifest.json"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-step-"
-OLD_PREFIX = ".old-step-"
 _STEP_RE = re.compile(r"^step-(\d{9,})$")
 
 #: HDF5 filter for CSR ``indices``/``indptr`` (None, "lzf" or "gzip"). None by measurement:

@@ -1,7 +1,8 @@
 """Datasets: (Fashion-)MNIST idx folders, npz/h5 files, a built-in synthetic generator; data order.
 
 Never sees a communicator; rank-dependent selection is done with the pure functions of
-:mod:`hpc_sparse.data.partition`.
+:mod:`hpc_sparse.data.partition`. Takes plain arguments (it does not know the config
+classes): the engine calls ``load_dataset(**dataclasses.asdict(cfg.data))``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_sparse.config import DataConfig
 from hpc_sparse.data.loaders import default_fashion_mnist_dir, load_idx_folder, load_xy_file
-from hpc_sparse.data.partition import batch_indices, block_bounds, epoch_permutation, steps_per_epoch
+from hpc_sparse.data.partition import (
+    AsyncBatches,
+    batch_indices,
+    block_bounds,
+    epoch_permutation,
+    position_in_epoch,
+    stealable,
+    steps_per_epoch,
+    updates_per_server_epoch,
+)
 from hpc_sparse.data.preprocess import scale, standardize
 from hpc_sparse.data.synthetic import make_madelon
 from hpc_sparse.errors import UserError
@@ -36,44 +45,60 @@ class Dataset:
         return int(self.x_train.shape[1])
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load and preprocess the dataset a config names. Raises UserError with a fix on bad input."""
-    if cfg.name == "synthetic":
-        x, y = make_madelon(cfg.n_train + cfg.n_test, cfg.n_features, cfg.n_informative, cfg.n_classes,
-                            cfg.noise, cfg.seed)
-        xtr, ytr, xte, yte = x[:cfg.n_train], y[:cfg.n_train], x[cfg.n_train:], y[cfg.n_train:]
-        source = f"synthetic Madelon-style (seed {cfg.seed})"
-    elif cfg.name in ("fashion-mnist", "mnist"):
-        folder = Path(cfg.path) if cfg.path else (default_fashion_mnist_dir() if cfg.name == "fashion-mnist" else None)
+def load_dataset(name: str, path: str = "", test_path: str = "", preprocess: str = "auto", *,
+                 n_train: int = 6000, n_test: int = 2000, n_features: int = 500, n_informative: int = 20,
+                 n_classes: int = 4, seed: int = 1234, noise: float = 0.5) -> Dataset:
+    """Load and preprocess a dataset. Raises UserError with a fix on bad input.
+
+    Parameters
+    ----------
+    name : "synthetic" | "fashion-mnist" | "mnist" | "file"
+    path : str
+        Folder of the idx/idx.gz files (fashion-mnist: default Debian's folder; mnist), or
+        the training .npz/.h5 file (file).
+    test_path : str
+        The test .npz/.h5 file (file).
+    preprocess : "auto" | "standardize" | "scale" | "none"
+        auto: /255 for mnist, per-feature standardisation otherwise.
+    n_train, n_test, n_features, n_informative, n_classes, seed, noise
+        The synthetic generator's sizes, seed and noise (ignored for the other datasets).
+    """
+    if name == "synthetic":
+        x, y = make_madelon(n_train + n_test, n_features, n_informative, n_classes, noise, seed)
+        xtr, ytr, xte, yte = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+        source = f"synthetic Madelon-style (seed {seed})"
+    elif name in ("fashion-mnist", "mnist"):
+        folder = Path(path) if path else (default_fashion_mnist_dir() if name == "fashion-mnist" else None)
         if folder is None:
             raise UserError("data.name='mnist' needs data.path, the folder of the MNIST idx files; "
                             "fix: --set data.path=/path/to/mnist")
         if not folder.is_dir():
-            extra = " or 'apt-get install dataset-fashion-mnist'" if cfg.name == "fashion-mnist" else ""
-            raise UserError(f"{cfg.name} folder '{folder}' does not exist; fix: set data.path to the folder "
+            extra = " or 'apt-get install dataset-fashion-mnist'" if name == "fashion-mnist" else ""
+            raise UserError(f"{name} folder '{folder}' does not exist; fix: set data.path to the folder "
                             f"of the idx files{extra}")
-        xtr, ytr, xte, yte = load_idx_folder(folder, cfg.name)
+        xtr, ytr, xte, yte = load_idx_folder(folder, name)
         source = str(folder)
     else:
-        xtr, ytr = load_xy_file(Path(cfg.path))
-        if not cfg.test_path:
+        xtr, ytr = load_xy_file(Path(path))
+        if not test_path:
             raise UserError("data.name='file' needs data.test_path too; fix: --set data.test_path=test.npz")
-        xte, yte = load_xy_file(Path(cfg.test_path))
+        xte, yte = load_xy_file(Path(test_path))
         if xte.shape[1] != xtr.shape[1]:
             raise UserError(f"test X has {xte.shape[1]} features but train X has {xtr.shape[1]}; "
                             "fix: use files with the same features")
-        source = f"{cfg.path}, {cfg.test_path}"
-    mode = cfg.preprocess
+        source = f"{path}, {test_path}"
+    mode = preprocess
     if mode == "auto":
-        mode = "scale" if cfg.name == "mnist" else "standardize"
+        mode = "scale" if name == "mnist" else "standardize"
     xtr, xte = xtr.astype(np.float32), xte.astype(np.float32)
     if mode == "standardize":
         xtr, xte = standardize(xtr, xte)
     elif mode == "scale":
         xtr, xte = scale(xtr, xte)
     n_classes = int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
-    return Dataset(cfg.name, np.ascontiguousarray(xtr), ytr.astype(np.int32), np.ascontiguousarray(xte),
+    return Dataset(name, np.ascontiguousarray(xtr), ytr.astype(np.int32), np.ascontiguousarray(xte),
                    yte.astype(np.int32), n_classes, source)
 
 
-__all__ = ["Dataset", "batch_indices", "block_bounds", "epoch_permutation", "load_dataset", "steps_per_epoch"]
+__all__ = ["AsyncBatches", "Dataset", "batch_indices", "block_bounds", "epoch_permutation", "load_dataset",
+           "position_in_epoch", "stealable", "steps_per_epoch", "updates_per_server_epoch"]

@@ -109,8 +109,9 @@ def check_agreement(comm: MPI.Comm, arrays: list[np.ndarray], names: list[str], 
                                "this is a bug: the run was stopped before training on diverged replicas")
 
 
-def abort_on_error(comm: MPI.Comm, exc: BaseException, code: int) -> None:
-    """Print the error with this rank's number and end the whole job (all ranks) now.
+def abort_on_error(comm: MPI.Comm, exc: BaseException, code: int, quiet: bool = False) -> None:
+    """Print the error with this rank's number (unless ``quiet``) and end the whole job (all
+    ranks) now with status ``code``.
 
     Called for any exception that escapes the command on any rank, so that no rank is
     left waiting in a collective. With one rank it just returns (the caller exits).
@@ -121,7 +122,8 @@ def abort_on_error(comm: MPI.Comm, exc: BaseException, code: int) -> None:
         msg = f"{prefix}error: {exc}"
     else:
         msg = f"{prefix}{type(exc).__name__}: {exc}"
-    print(msg, file=sys.stderr, flush=True)
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
     if size > 1:
         time.sleep(0.2)  # let the launcher forward this rank's stderr before the abort tears it down
         MPI.COMM_WORLD.Abort(code)
@@ -129,3 +131,26 @@ def abort_on_error(comm: MPI.Comm, exc: BaseException, code: int) -> None:
 
 def mpi_vendor() -> str:
     return MPI.Get_library_version().splitlines()[0].strip()
+
+
+def exit_with_status(status: int) -> None:
+    """End this rank with ``status`` (e.g. 75, EXIT_REQUEUE) so that every launcher reports it.
+
+    Call it on every rank, after the checkpoint is committed. Do not ``sys.exit(75)``
+    under ``python -m mpi4py``: mpi4py turns a non-zero ``SystemExit`` into
+    ``MPI_Abort(75)``, which MPICH's ``mpiexec`` reports as 75 but ``srun --mpi=pmi2``
+    reports as 137 (tasks killed), so the job script would not requeue. Instead this
+    flushes stdio, calls ``MPI.Finalize()`` and leaves with ``os._exit(status)``: both
+    launchers then exit with ``status``. Never returns.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream must not block the exit
+            pass
+    try:
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+    except Exception:  # noqa: BLE001 - exit with the status whatever MPI says
+        pass
+    os._exit(status)

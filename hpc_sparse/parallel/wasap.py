@@ -1,48 +1,41 @@
 """WASAP-SGD messaging: buffer-based, non-blocking point-to-point messages and polling waits.
 
 Everything here moves flat numpy arrays; what the arrays mean (which layer, weights or
-momentum) is decided by :mod:`hpc_sparse.train_wasap`. No message is pickled.
-
-Every message starts with a fixed-size int64 **header** (:class:`Header`, length
-``10 + 3 * n_layers``, constant for a run) sent on its own tag, followed by at most two
-payload messages whose lengths the header implies:
-
-========  ====================  ==============================================================
-kind      direction             payloads
-========  ====================  ==============================================================
-GRAD      worker -> server      float32: per layer ``dW`` (nnz_l) then ``db`` (n_out_l)
-DONE      worker -> server      none (the worker finished its asynchronous epochs)
-MODEL     server -> worker      float32: per layer ``W.data``, ``b``; then, with
-                                FLAG_MOMENTUM, per layer ``W momentum``, ``b momentum``.
-                                int64 (FLAG_INDICES only): per layer ``indptr``, ``indices``
-FINAL     server -> worker      as MODEL, always with indices and momentum
-MERGE     any rank -> 0, and    float32 ``W.data``, ``b`` per layer; int64 ``indptr``,
-          0 -> all (Ibcast)     ``indices`` per layer
-========  ====================  ==============================================================
+momentum) is decided by :mod:`hpc_sparse.schedules.wasap`. No message is pickled. The
+header and the message kinds are in :mod:`hpc_sparse.parallel.wasap_header`.
 
 Waiting never spins inside a blocking MPI call: :class:`Poller` tests the requests and sleeps
 with an exponential back-off (20 us up to 1 ms) between tests, and raises :class:`WasapTimeout`
 naming what it waited for after ``timeout`` seconds (MPICH's blocking receive busy-polls a core,
-which cost the paper's idle parameter server most of a core; PAPER.md §4, DESIGN.md §4).
+which cost the paper's idle parameter server most of a core; PAPER.md §4, DESIGN.md §4). A
+failing rank normally ends the job at once (the engine aborts); the timeout is the last resort.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from mpi4py import MPI
 
-MAGIC = 0x57415341  # "WASA"
-GRAD, DONE, MODEL, FINAL, MERGE = 1, 2, 3, 4, 5
-KIND_NAMES = {GRAD: "GRAD", DONE: "DONE", MODEL: "MODEL", FINAL: "FINAL", MERGE: "MERGE"}
-FLAG_INDICES = 1  # int64 index payload follows (topology changed since the receiver's last pull)
-FLAG_MOMENTUM = 2  # float payload also carries the momentum buffers
+from hpc_sparse.parallel.wasap_header import (  # noqa: F401 - re-exported for the schedule
+    DONE,
+    FINAL,
+    FLAG_INDICES,
+    FLAG_MOMENTUM,
+    FLAG_STOP,
+    GRAD,
+    HOLD,
+    KIND_NAMES,
+    MERGE,
+    MODEL,
+    Header,
+    ProtocolError,
+    header_len,
+)
 
-_FIXED = 10
 TAG_REQ_HDR, TAG_REQ_DATA = 701, 702
 TAG_REP_HDR, TAG_REP_F, TAG_REP_I = 711, 712, 713
 TAG_MERGE_HDR, TAG_MERGE_F, TAG_MERGE_I = 721, 722, 723
@@ -59,106 +52,6 @@ def default_timeout() -> float:
 
 class WasapTimeout(RuntimeError):
     """A peer did not answer in time: it probably failed; the job must end."""
-
-
-class ProtocolError(RuntimeError):
-    """A malformed or unexpected message: a bug, never to be trained on."""
-
-
-def header_len(n_layers: int) -> int:
-    """Length (int64 entries) of every header of a run with ``n_layers`` weight layers."""
-    return _FIXED + 3 * n_layers
-
-
-@dataclass
-class Header:
-    """The fixed-size int64 header in front of every WASAP message.
-
-    Layout (int64): ``[MAGIC, kind, step, version, flags, item, loss_sum (float64 bits),
-    correct, count, n_layers, (nnz, n_in, n_out) per layer]``.
-
-    Attributes
-    ----------
-    kind : int
-        GRAD, DONE, MODEL, FINAL or MERGE.
-    step : int
-        The sender's step counter (GRAD), or the server's accepted-update count (MODEL).
-    version : int
-        Topology version the payload lives on.
-    flags : int
-        FLAG_INDICES | FLAG_MOMENTUM.
-    item : int
-        GRAD: the batch's index in the worker's sequence of asynchronous batches. MODEL: the
-        worker's batch limit (it stops before this index; lowered when the server takes over
-        the tail of a slow worker's batches).
-    loss_sum, correct, count : float, int, int
-        GRAD: the batch's summed loss, hits (-1 if unknown) and samples.
-    shapes : list of (nnz, n_in, n_out)
-        One triple per weight layer.
-    """
-
-    kind: int
-    step: int = 0
-    version: int = 0
-    flags: int = 0
-    item: int = 0
-    loss_sum: float = 0.0
-    correct: int = -1
-    count: int = 0
-    shapes: list[tuple[int, int, int]] = field(default_factory=list)
-
-    def pack(self, n_layers: int | None = None) -> np.ndarray:
-        """The header as a new int64 array of ``header_len(n_layers)`` (the layer count of a
-        run is fixed; DONE headers carry no shapes, their layer slots are zero)."""
-        n = len(self.shapes) if n_layers is None else n_layers
-        if len(self.shapes) not in (0, n):
-            raise ValueError(f"header has {len(self.shapes)} layer shapes, the run has {n} layers")
-        buf = np.zeros(header_len(n), np.int64)
-        loss_bits = struct.unpack("<q", struct.pack("<d", float(self.loss_sum)))[0]
-        buf[:_FIXED] = [MAGIC, self.kind, self.step, self.version, self.flags, self.item, loss_bits,
-                        self.correct, self.count, n]
-        if self.shapes:
-            buf[_FIXED:] = np.asarray(self.shapes, np.int64).ravel()
-        return buf
-
-    @classmethod
-    def unpack(cls, buf: np.ndarray, source: int | None = None) -> "Header":
-        """Parse and check a received header; raises ProtocolError on a malformed one."""
-        who = f" from rank {source}" if source is not None else ""
-        if buf.dtype != np.int64 or buf.ndim != 1 or buf.size < _FIXED or int(buf[0]) != MAGIC:
-            raise ProtocolError(f"malformed WASAP header{who} (magic {buf[:1]!r}); this is a bug")
-        n = int(buf[9])
-        if buf.size != header_len(n) or int(buf[1]) not in KIND_NAMES:
-            raise ProtocolError(f"malformed WASAP header{who}: kind {int(buf[1])}, {n} layers in "
-                                f"{buf.size} entries; this is a bug")
-        shapes = [tuple(int(v) for v in buf[_FIXED + 3 * l:_FIXED + 3 * l + 3]) for l in range(n)]
-        if any(s < 0 for t in shapes for s in t):
-            raise ProtocolError(f"WASAP header{who} has negative sizes {shapes}; this is a bug")
-        loss = struct.unpack("<d", struct.pack("<q", int(buf[6])))[0]
-        kind = int(buf[1])
-        return cls(kind, int(buf[2]), int(buf[3]), int(buf[4]), int(buf[5]), loss, int(buf[7]), int(buf[8]),
-                   [] if kind == DONE else shapes)  # type: ignore[arg-type]
-
-    @property
-    def kind_name(self) -> str:
-        return KIND_NAMES.get(self.kind, str(self.kind))
-
-    def float_count(self) -> int:
-        """float32 entries of this message's float payload."""
-        per = sum(nnz + n_out for nnz, _, n_out in self.shapes)
-        if self.kind == GRAD:
-            return per
-        if self.kind in (MODEL, FINAL):
-            return per * (2 if self.flags & FLAG_MOMENTUM else 1)
-        if self.kind == MERGE:
-            return per
-        return 0
-
-    def index_count(self) -> int:
-        """int64 entries of this message's index payload (0: none is sent)."""
-        if self.kind == MERGE or (self.kind in (MODEL, FINAL) and self.flags & FLAG_INDICES):
-            return sum(n_in + 1 + nnz for nnz, n_in, _ in self.shapes)
-        return 0
 
 
 class Poller:
@@ -286,6 +179,17 @@ class ServerEndpoint(_Endpoint):
         for w in [w for w, (reqs, _) in self._sends.items() if MPI.Request.Testall(reqs)]:
             del self._sends[w]
 
+    def expect(self, w: int) -> None:
+        """Listen to worker ``w`` again (after answering its DONE with HOLD: it will say DONE
+        again once the checkpoint is written)."""
+        if w not in self._reqs:
+            self._post(w)
+
+    def complete_replies(self) -> None:
+        """Wait until every reply sent so far has been taken (before a collective)."""
+        for w in list(self._sends):
+            self.poller.wait(self._sends.pop(w)[0], f"rank {w} to take a reply")
+
     def poll(self) -> Message | None:
         """A complete message from any worker if one has arrived, else None (never blocks on
         a header; the payload, sent right behind its header, is awaited by polling)."""
@@ -309,8 +213,8 @@ class ServerEndpoint(_Endpoint):
         raise ProtocolError(f"rank 0 got a {header.kind_name} message from rank {w} in the asynchronous "
                             "phase; this is a bug")
 
-    def reply(self, dest: int, header: Header, floats: np.ndarray, ints: np.ndarray | None) -> None:
-        """Start sending MODEL/FINAL to ``dest``; ``floats``/``ints`` must not be changed
+    def reply(self, dest: int, header: Header, floats: np.ndarray | None, ints: np.ndarray | None) -> None:
+        """Start sending MODEL/FINAL/HOLD to ``dest``; ``floats``/``ints`` must not be changed
         afterwards (pass fresh arrays). Completes the previous reply to ``dest`` first."""
         if dest in self._sends:
             self.poller.wait(self._sends.pop(dest)[0], f"rank {dest} to take the previous reply")
@@ -327,7 +231,8 @@ class ServerEndpoint(_Endpoint):
 
 
 class WorkerEndpoint(_Endpoint):
-    """A worker's side: push a gradient, get the model back; say DONE, get the final model.
+    """A worker's side: push a gradient, get the model back (or HOLD); say DONE, get the final
+    model (or HOLD).
 
     :meth:`start_push` returns at once (the reply's header receive is posted before the
     request goes out); the worker may compute its next gradient before :meth:`finish_push`.
@@ -356,14 +261,14 @@ class WorkerEndpoint(_Endpoint):
         self._start(header, grads)
 
     def finish_push(self) -> Message:
-        """Wait for the reply to the request in flight (MODEL, or FINAL after DONE)."""
+        """Wait for the reply to the request in flight (MODEL, or FINAL after DONE; HOLD)."""
         if self._pending is None:
             raise ProtocolError("no request in flight")
         header, hdr_in, rreq, sreqs, _, _ = self._pending
         self.poller.wait([rreq], f"the server's reply to {header.kind_name} (step {header.step})")
         reply = Header.unpack(hdr_in, 0)
-        if reply.kind not in (MODEL, FINAL):
-            raise ProtocolError(f"rank {self.rank} expected MODEL or FINAL from rank 0, got {reply.kind_name}")
+        if reply.kind not in (MODEL, FINAL, HOLD):
+            raise ProtocolError(f"rank {self.rank} expected MODEL, FINAL or HOLD from rank 0, got {reply.kind_name}")
         msg = self._recv_payloads(0, reply, TAG_REP_F, TAG_REP_I)
         self.poller.wait(sreqs, "the server to take the request")
         self._pending = None
@@ -374,9 +279,9 @@ class WorkerEndpoint(_Endpoint):
         self.start_push(header, grads)
         return self.finish_push()
 
-    def done(self, step: int) -> Message:
-        """Send DONE; return the FINAL model (sent once every rank has finished)."""
-        self._start(Header(DONE, step=step), None)
+    def done(self, step: int, flags: int = 0) -> Message:
+        """Send DONE; return the FINAL model (sent once every rank has finished), or HOLD."""
+        self._start(Header(DONE, step=step, flags=flags), None)
         return self.finish_push()
 
 
@@ -413,8 +318,9 @@ def gather_to_root(comm: MPI.Comm, header: Header, floats: np.ndarray, ints: np.
 
 def bcast_from_root(comm: MPI.Comm, n_layers: int, header: Header | None, floats: np.ndarray | None,
                     ints: np.ndarray | None, timeout: float | None = None) -> Message:
-    """Broadcast rank 0's MERGE message (sizes first, then arrays) with ``Ibcast`` + polling.
-    Every rank returns the message; rank 0 gets its own arrays back."""
+    """Broadcast rank 0's message (a MERGE, or a FINAL model with momentum and indices; sizes
+    first, then arrays) with ``Ibcast`` + polling. Every rank returns the message; rank 0
+    gets its own arrays back."""
     poller = Poller(timeout)
     rank = comm.Get_rank()
     hdr = header.pack(n_layers) if rank == 0 else np.empty(header_len(n_layers), np.int64)  # type: ignore[union-attr]
@@ -445,11 +351,12 @@ def bcast_bytes(comm: MPI.Comm, data: bytes | None, timeout: float | None = None
     return buf.tobytes()
 
 
-def allreduce_sum(comm: MPI.Comm, buf: np.ndarray, timeout: float | None = None) -> np.ndarray:
+def allreduce_sum(comm: MPI.Comm, buf: np.ndarray, timeout: float | None = None,
+                  what: str = "the other ranks' epoch sums") -> np.ndarray:
     """In-place SUM over all ranks with ``Iallreduce`` + polling (ranks that arrive early
     sleep instead of spinning). Returns ``buf``."""
     if comm.Get_size() > 1:
-        Poller(timeout).wait([comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)], "the other ranks' epoch sums")
+        Poller(timeout).wait([comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)], what)
     return buf
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from hpc_sparse.sparse import kernels
+
 
 @dataclass
 class SGD:
@@ -13,9 +17,20 @@ class SGD:
     ``w <- w - lambda*w`` unscaled by lr (see README: at lambda=2e-4 that form shrinks the
     weights ~9% per Fashion-MNIST epoch and measured lower accuracy). Biases use the same
     rule. ``lr`` may be changed between steps.
+
+    The rule has one definition, the kernels' ``sgd_rule``: the fused training kernels apply
+    it, and :meth:`apply_` applies it to a gradient computed elsewhere (WASAP-SGD's server).
     """
 
     lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
+
+    def apply_(self, w: np.ndarray, v: np.ndarray, g: np.ndarray) -> None:
+        """One step in place on the float32 vectors ``w`` (values), ``v`` (their momentum),
+        given the gradient ``g``, all of one length (a layer's nnz, or its n_out for a bias)."""
+        if not (w.shape == v.shape == g.shape):
+            raise ValueError(f"SGD.apply_: shapes {w.shape}, {v.shape}, {g.shape} differ")
+        kernels.dense_sgd_update(g, w, v, np.float32(self.lr), np.float32(self.momentum),
+                                 np.float32(self.weight_decay), self.nesterov)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def test_ranks_match_one_process_with_the_union_batch(comm, run_dir):
             "train.epochs=2"]
     t = train(comm, run_dir / "p", over)
     cfg = load_config(None, BASE + over)
-    data = load_dataset(cfg.data)
+    data = load_dataset(**asdict(cfg.data))
     ref = build_model(cfg)
     sgd = SGD(cfg.train.lr, 0.0)
     n, size, b = data.x_train.shape[0], comm.size, cfg.train.batch_size
@@ -96,7 +97,7 @@ def test_each_sample_once_per_epoch_across_ranks(comm):
 def test_metrics_are_exact_reductions(comm, run_dir):
     """Test accuracy from P ranks equals a one-process evaluation of the same weights."""
     t = train(comm, run_dir / "m", ["train.epochs=1"])
-    data = load_dataset(t.cfg.data)
+    data = load_dataset(**asdict(t.cfg.data))
     r = t.model.evaluate(data.x_test, data.y_test, 1000)
     assert t.history[-1]["test_accuracy"] == pytest.approx(r.correct / r.count, abs=0)
     assert t.history[-1]["test_loss"] == pytest.approx(r.loss_sum / r.count, rel=1e-9)

@@ -27,16 +27,10 @@ MPI = pytest.importorskip("mpi4py.MPI")
 from hpc_sparse.config import load_config  # noqa: E402
 from hpc_sparse.errors import UserError  # noqa: E402
 from hpc_sparse.parallel import wasap as wp  # noqa: E402
+from hpc_sparse.data import AsyncBatches, stealable, updates_per_server_epoch  # noqa: E402
+from hpc_sparse.schedules.wasap import async_epochs  # noqa: E402
+from hpc_sparse.topology.pattern import remap_positions, reprune_to_nnz, union_average  # noqa: E402
 from hpc_sparse.train import Trainer  # noqa: E402
-from hpc_sparse.train_wasap import (  # noqa: E402
-    AsyncBatches,
-    async_epochs,
-    remap_positions,
-    reprune_to_nnz,
-    stealable,
-    union_average,
-    updates_per_server_epoch,
-)
 
 ROOT = Path(__file__).resolve().parents[2]
 # momentum 0.5: asynchronous updates add implicit momentum; 0.9 at this high lr can diverge
@@ -346,10 +340,19 @@ def test_one_rank_is_plain_local_training_identical_to_sync(comm):
     assert ok == [True] * comm.Get_size()
 
 
-def test_resume_from_the_middle_of_a_run_is_refused(comm, run_dir):
-    Trainer(small_config("train.epochs=1", mode="sync"), comm, run_dir, quiet=True).run()
-    with pytest.raises(UserError, match="cannot resume from the middle"):
-        Trainer(small_config("train.epochs=3"), comm, run_dir, quiet=True).run("auto")
+def test_resuming_with_the_other_mode_is_refused(comm, run_dir):
+    """A checkpoint from the middle of a run continues only under the mode that wrote it
+    (an error on every rank, so nobody hangs; nothing is moved aside)."""
+    Trainer(small_config("train.epochs=1", mode="sync"), comm, run_dir / "s", quiet=True).run()
+    with pytest.raises(UserError, match="written by parallel.mode='sync', this run uses 'wasap'"):
+        Trainer(small_config("train.epochs=3"), comm, run_dir / "s", quiet=True).run("auto")
+    Trainer(small_config("train.epochs=2", "parallel.async_fraction=1.0", "checkpoint.every_steps=10"),
+            comm, run_dir / "w", quiet=True).run()
+    first = sorted((run_dir / "w" / "checkpoints").glob("step-*"))[0]
+    with pytest.raises(UserError, match="written by parallel.mode='wasap', this run uses 'sync'"):
+        Trainer(small_config("train.epochs=2", mode="sync"), comm, run_dir / "w", quiet=True).run(str(first))
+    comm.Barrier()
+    assert first.is_dir()
 
 
 def test_max_steps_is_refused(comm, run_dir):

@@ -1,4 +1,4 @@
-"""The SLURM environment of this process, read once into a frozen dataclass.
+"""The SLURM environment of this process, read once into a frozen dataclass (no MPI here).
 
 This is the one place that reads ``SLURM_*`` variables. Everything else asks for a
 :class:`SlurmEnv` (``None`` outside SLURM), so tests pass an explicit ``environ``

@@ -1,9 +1,12 @@
 """A stop request from SLURM (or a user), recorded by a signal handler that only sets a flag.
 
 The handler does no MPI and no I/O: it may run between any two bytecodes, also while
-this rank is inside an MPI call. The trainer polls :attr:`StopFlag.requested` at step
-boundaries, agrees across ranks with ``Allreduce(MAX)``, writes a checkpoint and exits
-with :data:`EXIT_REQUEUE`; ``jobs/_run_training.sh`` then runs ``scontrol requeue``.
+this rank is inside an MPI call. The training engine polls :attr:`StopFlag.requested` at
+its safe points, the ranks agree on it, write a checkpoint and exit with
+:data:`EXIT_REQUEUE`; ``jobs/_run_training.sh`` then runs ``scontrol requeue``.
+
+No MPI here: the rank's exit with that status (``MPI.Finalize`` first) is
+:func:`hpc_sparse.parallel.comm.exit_with_status`.
 
 Example
 -------
@@ -11,19 +14,17 @@ Example
 ...     for step in steps:
 ...         train_one_step()
 ...         if any_rank(stop.requested):
-...             save_checkpoint(); exit_requeue()
+...             save_checkpoint(); exit_with_status(EXIT_REQUEUE)
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
-__all__ = ["EXIT_REQUEUE", "StopFlag", "exit_requeue"]
+__all__ = ["EXIT_REQUEUE", "StopFlag"]
 
 EXIT_REQUEUE = 75
 """Exit status: stopped by a signal after writing a checkpoint; the job script should requeue.
@@ -78,6 +79,11 @@ class StopFlag:
         self._signum = None
 
     @property
+    def installed(self) -> bool:
+        """True while this flag's handlers are installed (between install and restore)."""
+        return bool(self._previous)
+
+    @property
     def requested(self) -> bool:
         """True once one of the installed signals arrived."""
         return self._signum is not None
@@ -102,29 +108,3 @@ class StopFlag:
 
     def __repr__(self) -> str:
         return f"StopFlag(requested={self.requested}, signal={self.signal_name})"
-
-
-def exit_requeue(status: int = EXIT_REQUEUE) -> None:
-    """End this rank with ``status`` (default 75) so that every launcher reports it.
-
-    Call it on every rank, after the checkpoint is committed. Do not ``sys.exit(75)``
-    under ``python -m mpi4py``: mpi4py turns a non-zero ``SystemExit`` into
-    ``MPI_Abort(75)``, which MPICH's ``mpiexec`` reports as 75 but ``srun --mpi=pmi2``
-    reports as 137 (tasks killed), so the job script would not requeue. Instead this
-    flushes stdio, calls ``MPI.Finalize()`` (if mpi4py's MPI was initialized here; it is
-    not imported otherwise) and leaves with ``os._exit(status)``: both launchers then
-    exit with ``status``. Never returns.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - a closed stream must not block the exit
-            pass
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None:
-        try:
-            if mpi.Is_initialized() and not mpi.Is_finalized():
-                mpi.Finalize()
-        except Exception:  # noqa: BLE001 - exit with the status whatever MPI says
-            pass
-    os._exit(status)

@@ -1,0 +1,41 @@
+"""Failure handling of a training run: an exception on one rank ends every rank, at once.
+
+A rank that raises while its peers wait in a collective (sync) or for a message (WASAP-SGD)
+would leave them waiting forever (or for the WASAP timeout). So the engine, not only the
+CLI, turns such an exception into ``MPI_Abort`` of the whole job, also when the trainer is
+used from Python under ``mpiexec`` without ``python -m mpi4py``.
+
+Not aborted (re-raised for the caller): everything in a one-rank run; a
+:class:`~hpc_sparse.errors.UserError` marked ``every_rank`` (raised on all ranks at the same
+point, so nobody waits); ``KeyboardInterrupt`` and ``SystemExit``.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+from hpc_sparse.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+
+
+def must_abort(exc: BaseException, size: int) -> bool:
+    """True if ``exc`` on one rank of ``size`` must end the whole job."""
+    if size <= 1 or isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return False
+    return not getattr(exc, "every_rank", False)
+
+
+def end_job_on_error(comm: Any, exc: BaseException) -> None:
+    """If ``exc`` must end the job (:func:`must_abort`), print it with this rank's number
+    (a traceback for anything but a UserError) and abort every rank; never returns then.
+    Otherwise return, and the caller re-raises."""
+    if not must_abort(exc, comm.Get_size()):
+        return
+    from hpc_sparse.parallel import comm as pc
+
+    if not isinstance(exc, UserError):
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    pc.abort_on_error(comm, exc, EXIT_USER_ERROR if isinstance(exc, UserError) else EXIT_FAILURE)

@@ -1,0 +1,170 @@
+"""Resuming a run: one agreed checkpoint, checked, and the run's lineage kept straight.
+
+Used by :class:`hpc_sparse.engine.core.Engine` (this module does not know the engine):
+
+1. Rank 0 chooses the checkpoint and every rank verifies and reads it collectively, each
+   shard hashed once per job (:func:`hpc_sparse.checkpoint.choose_and_load`).
+2. The config must keep the seed (other differences are logged); the schedule must be the
+   one that wrote it; the schedule checks the rest (``check_resume``: e.g. sync rescales
+   the position for another rank count or batch size, WASAP-SGD refuses those mid-run).
+3. After loading, the ranks prove they hold the same progress and (replica) model, and rank
+   0 checks the model against the ``model_sha256`` recorded at save time; any mismatch
+   stops every rank with an error.
+4. Lineage: checkpoints newer than the resumed one belong to a line the run has left; rank 0
+   sets them aside (renamed ``step-N.abandoned-<time>``, or ``.invalid-<time>`` if they
+   failed verification), never deleting them, so that ``--resume auto`` follows this line.
+5. The log says whether the CPU is the checkpoint's (bit-identical continuation) or not
+   (the state loads exactly; later steps may differ by rounding).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpc_sparse.checkpoint import choose_and_load, set_aside_newer
+from hpc_sparse.config import Config, config_from_dict
+from hpc_sparse.engine.progress import Progress
+from hpc_sparse.errors import UserError
+from hpc_sparse.log import RunLog
+from hpc_sparse.model_builder import model_from_rank_arrays, model_from_state
+from hpc_sparse.parallel import comm as pc
+from hpc_sparse.runtime.host import compare_hosts
+from hpc_sparse.sparse import SparseMLP
+
+MODEL_PREFIX = "model/"
+"""Key prefix of a rank's own model in its per-rank state (WASAP-SGD's local phase)."""
+
+
+@dataclass
+class Resumed:
+    """What a resume loaded: the checkpoint, its meta, who wrote it, this rank's model,
+    progress, history and per-rank state."""
+
+    path: Path
+    meta: dict[str, Any]
+    n_ranks: int
+    model: SparseMLP
+    progress: Progress
+    history: list[dict[str, Any]]
+    rank_state: dict[str, np.ndarray] | None
+    invalid: set[Path] = field(default_factory=set)
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["progress"]["step"])
+
+    @property
+    def schedule_state(self) -> dict[str, Any]:
+        return dict(self.meta.get("schedule_state") or {})
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.meta["config"]["train"]["batch_size"])
+
+
+def load_resumed(comm: Any, cfg: Config, run_dir: Path, resume: str, log: RunLog, schedule: str
+                 ) -> Resumed | None:
+    """Load the checkpoint ``resume`` ("auto" or a path) names, for the schedule named
+    ``schedule``; None if ``auto`` found no valid one (the run starts afresh; checkpoints that
+    failed verification are then set aside). Collective; errors are raised on every rank."""
+    loaded = choose_and_load(comm, run_dir, resume)
+    for bad, reason in loaded.skipped:
+        log.info(f"skipping invalid checkpoint {bad}: {reason}")
+    invalid = {p for p, _ in loaded.skipped}
+    if loaded.path is None:
+        log.info(f"no valid checkpoint in {run_dir}; starting from scratch")
+        keep_lineage(comm, run_dir, -1, invalid, log)
+        return None
+    path, manifest = loaded.path, loaded.manifest
+    meta = manifest["meta"]
+    _check_config(cfg, meta["config"], str(path), log)
+    saved_schedule = meta.get("schedule", "sync")
+    complete = meta["progress"]["epoch"] >= cfg.train.epochs and meta["progress"]["step_in_epoch"] == 0
+    if saved_schedule != schedule and not complete:
+        raise UserError(f"checkpoint {path} was written by parallel.mode={saved_schedule!r}, this run uses "
+                        f"{schedule!r}; fix: resume it with --set parallel.mode=\"{saved_schedule}\", or start "
+                        "a new --run-dir", every_rank=True)
+    model = _model(cfg, comm.Get_rank(), loaded.state, loaded.rank_state, str(path))
+    resumed = Resumed(path, meta, int(manifest["n_ranks"]), model, Progress(**meta["progress"]),
+                      list(meta["history"]), loaded.rank_state, invalid)
+    _check_loaded(comm, resumed)
+    return resumed
+
+
+def finish_resume(comm: Any, run_dir: Path, resumed: Resumed, progress: Progress, host: dict[str, str],
+                  log: RunLog) -> None:
+    """After the schedule accepted the resume: keep the lineage, and log where the run
+    continues and what the CPU means for bit-identity."""
+    keep_lineage(comm, run_dir, resumed.step, resumed.invalid, log)
+    model = resumed.model
+    log.info(f"resumed from {resumed.path} at step {progress.step} (epoch {progress.epoch + 1}, step "
+             f"{progress.step_in_epoch} in epoch); widths {list(model.widths)}, nnz {model.nnz:,}")
+    log.info(compare_hosts(resumed.meta.get("host"), host)[1])
+
+
+def _model(cfg: Config, rank: int, state: dict[str, Any], rank_state: dict[str, Any] | None,
+           source: str) -> SparseMLP:
+    """The replica model of ``state``, or (a checkpoint of per-rank models) this rank's own."""
+    if state:
+        return model_from_state(cfg, state, source)
+    mine = {k[len(MODEL_PREFIX):]: v for k, v in (rank_state or {}).items() if k.startswith(MODEL_PREFIX)}
+    if not mine:
+        raise UserError(f"checkpoint {source} holds no model for rank {rank} (it was written by another "
+                        "number of ranks?); fix: resume it with the number of ranks that wrote it", every_rank=True)
+    return model_from_rank_arrays(cfg, mine, source)
+
+
+def _check_config(cfg: Config, saved: dict[str, Any], source: str, log: RunLog) -> None:
+    old = config_from_dict(saved).to_dict()
+    new = cfg.to_dict()
+    if old["seed"] != new["seed"]:
+        raise UserError(f"checkpoint {source} was trained with seed={old['seed']} but the config says "
+                        f"seed={new['seed']}; fix: use the run's seed or a new --run-dir", every_rank=True)
+    diffs = [f"{sec}.{k}: {old[sec][k]!r} -> {new[sec][k]!r}" for sec in new if isinstance(new[sec], dict)
+             for k in new[sec] if old[sec][k] != new[sec][k]]
+    if diffs:
+        log.info("config differs from the checkpoint's: " + "; ".join(diffs))
+
+
+def _check_loaded(comm: Any, resumed: Resumed) -> None:
+    """Every rank holds the same progress and schedule state, and the same replica model (by
+    CRC32 of every array), and rank 0's model is the one saved (SHA-256 recorded in the
+    manifest); for per-rank models each rank checks its own recorded SHA-256. Collective;
+    raises the same UserError on every rank on any mismatch."""
+    model, meta, rank = resumed.model, resumed.meta, comm.Get_rank()
+    text = json.dumps({"progress": meta["progress"], "schedule_state": meta.get("schedule_state"),
+                       "history": len(meta["history"])}, sort_keys=True).encode()
+    arrays, names = [np.frombuffer(text, np.uint8)], ["progress"]
+    if "rank_model_sha256" in meta:
+        shas = meta["rank_model_sha256"]
+        bad = rank >= len(shas) or model.sha256() != shas[rank]
+    else:
+        model_arrays, model_names = model.topology_arrays()
+        params = model.parameter_arrays()
+        arrays += model_arrays + params
+        names += model_names + [f"parameter array {i}" for i in range(len(params))]
+        bad = rank == 0 and meta.get("model_sha256") not in (None, model.sha256())
+    flags = pc.agree_max(comm, np.array([int(bad)], np.int64))
+    try:
+        pc.check_agreement(comm, arrays, names, what="state loaded")
+    except pc.TopologyMismatch as exc:
+        raise UserError(f"the ranks loaded different states from {resumed.path} ({exc}); fix: check the file "
+                        "system all ranks read, then resume again", every_rank=True) from exc
+    if flags[0]:
+        raise UserError(f"the model loaded from {resumed.path} differs from the one saved (its model_sha256 "
+                        "does not match the manifest's); fix: check the file system, or resume an older "
+                        "checkpoint", every_rank=True)
+
+
+def keep_lineage(comm: Any, run_dir: Path, step: int, invalid: set[Path], log: RunLog) -> None:
+    """Rank 0 sets aside every checkpoint newer than ``step``; all ranks wait for it."""
+    moved = set_aside_newer(run_dir, step, invalid) if comm.Get_rank() == 0 else []
+    for old, new in moved:
+        log.info(f"checkpoint {old.name} is newer than the step this run continues from: set aside as "
+                 f"{new.name} (not deleted; --resume auto follows this run from now on)")
+    comm.Barrier()
