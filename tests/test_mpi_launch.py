@@ -49,3 +49,45 @@ def test_quickstart_two_ranks_trains(tmp_path):
                       "configs/synthetic-quick.toml", "--run-dir", str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "2 rank(s)" in proc.stderr and (tmp_path / "summary.json").is_file()
+
+
+FROM_PYTHON = """
+import sys
+from pathlib import Path
+from mpi4py import MPI
+from hpc_sparse.config import load_config
+from hpc_sparse.sparse.mlp import SparseMLP
+from hpc_sparse.train import Trainer
+
+calls = [0]
+def failing(original):
+    def method(self, *a, **k):
+        calls[0] += 1
+        if MPI.COMM_WORLD.Get_rank() == 1 and calls[0] == 3:
+            raise RuntimeError("injected failure on rank 1")
+        return original(self, *a, **k)
+    return method
+
+SparseMLP.train_step = failing(SparseMLP.train_step)
+SparseMLP.gradients = failing(SparseMLP.gradients)  # a WASAP worker computes gradients
+cfg = load_config("configs/synthetic-quick.toml", ["data.n_train=2000", "train.epochs=50",
+                                                   f'parallel.mode="{sys.argv[1]}"'])
+Trainer(cfg, MPI.COMM_WORLD, Path(sys.argv[2]), quiet=True).run()
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "wasap"])
+def test_a_failing_rank_ends_the_job_quickly_when_used_from_python(tmp_path, mode):
+    """The engine, not only the CLI, ends every rank when one raises: a plain ``python`` script
+    (no ``-m mpi4py``, no CLI) under mpiexec must not leave the other rank waiting (sync: in
+    an Allreduce; WASAP: for a message, whose timeout is set far beyond the bound here)."""
+    script = tmp_path / "from_python.py"
+    script.write_text(FROM_PYTHON)
+    t0 = time.monotonic()
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script), mode, str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**ENV, "HPC_SPARSE_WASAP_TIMEOUT": "600"})
+    seconds = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stderr and "rank 1/2" in proc.stderr
+    assert seconds < 60, f"took {seconds:.0f}s"

@@ -222,6 +222,15 @@ class ServerEndpoint(_Endpoint):
         reqs = self._isend(dest, hdr, floats, ints, (TAG_REP_HDR, TAG_REP_F, TAG_REP_I))
         self._sends[dest] = (reqs, (hdr, floats, ints))
 
+    def cancel(self) -> None:
+        """Complete every reply and withdraw the posted header receives (the phase stops here:
+        a later run on the same communicator must not have its messages matched by them)."""
+        self.complete_replies()
+        for w in list(self._reqs):
+            req = self._reqs.pop(w)
+            req.Cancel()
+            req.Wait()
+
     def close(self) -> None:
         """Complete every reply; check that every worker said DONE."""
         for w in list(self._sends):

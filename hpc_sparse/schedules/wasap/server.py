@@ -257,6 +257,7 @@ class Server:
         stop = self.worker_stop or self.e.stop.requested
         server_snapshot(self.e, self.run, stop, self.version, self.state())
         if stop:
+            self.endpoint.cancel()
             return EXIT_REQUEUE
         self.holding, self.held = False, set()
         self.worker_versions = {w: (self.version, self.version) for w in self.workers}  # they hold it all now
