@@ -60,16 +60,28 @@ hs_setup_threads() {
 }
 
 # Trap handler: remember the first signal and pass it on to the launcher (mpiexec's
-# hydra and srun both forward SIGUSR1/SIGTERM to every rank).
+# hydra and srun both forward SIGUSR1/SIGTERM to every rank). The traps are set first
+# thing in hs_run_training, before the launcher's pid is known: a signal that comes
+# before the launch stops the job before it starts (nothing new to save, status 75); one
+# that comes between the launch and `HS_CHILD=$!` is remembered (HS_PENDING) and
+# forwarded as soon as the pid is known.
 hs_forward() {
     HS_TRAPPED=1
     HS_SIGNAL=${HS_SIGNAL:-$1}
-    hs_log "batch shell got SIG$1; forwarding to launcher pid ${HS_CHILD:-?}"
-    [ -n "${HS_CHILD:-}" ] && kill -s "$1" "$HS_CHILD" 2>/dev/null
+    if [ -n "${HS_CHILD:-}" ]; then
+        hs_log "batch shell got SIG$1; forwarding to launcher pid $HS_CHILD"
+        kill -s "$1" "$HS_CHILD" 2>/dev/null
+    else
+        HS_PENDING=$1
+        hs_log "batch shell got SIG$1 before the launcher started"
+    fi
     return 0
 }
 
 hs_run_training() {
+    HS_SIGNAL="" HS_TRAPPED=0 HS_CHILD="" HS_PENDING=""
+    trap 'hs_forward USR1' USR1
+    trap 'hs_forward TERM' TERM
     : "${CONFIG:?CONFIG must be set}" "${RUN_DIR:?RUN_DIR must be set}"
     local launcher=${LAUNCHER:-mpiexec} python=${PYTHON:-python3}
     local ntasks=${SLURM_NTASKS:-${NTASKS:-1}}
@@ -92,24 +104,33 @@ hs_run_training() {
     hs_log "run dir: $RUN_DIR"
     hs_log "command: ${cmd[*]}"
 
-    HS_SIGNAL="" HS_TRAPPED=0 HS_CHILD=""
-    trap 'hs_forward USR1' USR1
-    trap 'hs_forward TERM' TERM
-    "${cmd[@]}" &
-    HS_CHILD=$!
-    # `wait` returns early (status > 128) when a trapped signal arrives: wait again until
-    # the launcher itself has ended, and keep its real status.
     local status last=""
-    while :; do
-        HS_TRAPPED=0
-        wait "$HS_CHILD"
-        status=$?
-        if [ "$status" = 127 ] && [ -n "$last" ]; then status=$last; break; fi  # already reaped
-        [ "$HS_TRAPPED" = 1 ] || break
-        last=$status
-    done
-    trap - USR1 TERM
-    hs_log "trainer exited with status $status${HS_SIGNAL:+ (batch shell had SIG$HS_SIGNAL)}"
+    if [ -n "$HS_SIGNAL" ]; then
+        # stopped before anything started: the newest checkpoint is the state, as after a 75
+        hs_log "stop requested (SIG$HS_SIGNAL) before the trainer started: not starting it; nothing new to save"
+        status=$HS_EXIT_REQUEUE
+    else
+        "${cmd[@]}" &
+        HS_CHILD=$!
+        if [ -n "$HS_PENDING" ]; then  # came during the launch itself: forward it now
+            hs_log "forwarding the earlier SIG$HS_PENDING to launcher pid $HS_CHILD"
+            kill -s "$HS_PENDING" "$HS_CHILD" 2>/dev/null
+            HS_PENDING=""
+        fi
+        # `wait` returns early (status > 128) when a trapped signal arrives: wait again until
+        # the launcher itself has ended, and keep its real status.
+        while :; do
+            HS_TRAPPED=0
+            wait "$HS_CHILD"
+            status=$?
+            if [ "$status" = 127 ] && [ -n "$last" ]; then status=$last; break; fi  # already reaped
+            [ "$HS_TRAPPED" = 1 ] || break
+            last=$status
+        done
+        hs_log "trainer exited with status $status${HS_SIGNAL:+ (batch shell had SIG$HS_SIGNAL)}"
+    fi
+    # The traps stay set until the script exits: a second signal while `scontrol requeue`
+    # runs is logged, it does not kill the batch shell and lose the requeue.
 
     if [ "$status" != "$HS_EXIT_REQUEUE" ]; then
         return "$status"

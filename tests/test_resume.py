@@ -137,3 +137,61 @@ def test_architecture_mismatch_is_refused_naming_both(tmp_path):
     proc = train(1, tmp_path, "--resume", "auto", "--set", "model.layers=[500,80,60,80,4]", check=False)
     assert proc.returncode == 2
     assert "model.layers=[500, 80, 60, 80, 4]" in proc.stderr and "has 3 weight layers" in proc.stderr
+
+
+def newest(run_dir: Path) -> Path:
+    return sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+
+
+def test_resuming_an_older_step_sets_the_newer_aside_and_auto_follows_the_new_line(tmp_path, reference):
+    """Issue 11, defect 3: after --resume of an older step, --resume auto continues the run
+    that resumed (not the abandoned newer checkpoints, which are kept, renamed)."""
+    train(1, tmp_path, "--set", "checkpoint.every_steps=30", "--set", "checkpoint.keep=10")
+    steps = sorted((tmp_path / "checkpoints").glob("step-*"))
+    older, newer = steps[1], steps[2:]
+    before = {p.name: {f.name: f.read_bytes() for f in p.iterdir()} for p in newer}
+    train(1, tmp_path, "--resume", str(older), "--set", "train.max_steps=70", "--set", "checkpoint.keep=10")
+    aside = {p.name.split(".abandoned-")[0]: p for p in (tmp_path / "checkpoints").glob("step-*.abandoned-*")}
+    assert sorted(aside) == sorted(before)  # every newer one, renamed, none deleted
+    assert all({f.name: f.read_bytes() for f in aside[n].iterdir()} == files for n, files in before.items())
+    auto = train(1, tmp_path, "--resume", "auto", "--set", "checkpoint.keep=10")
+    assert "resumed from" in auto.stderr and "step-000000070" in auto.stderr
+    assert sha(tmp_path) == reference[1]  # and the continued line is still the uninterrupted run
+
+
+def test_resuming_with_another_batch_size_continues_at_the_saved_position(tmp_path):
+    """Issue 11, defect 4: 30 steps of batch 32 are 960 of 1200 samples of epoch 1; with batch
+    100 the epoch has 12 steps and continues at step 9 (sample 900: none skipped, 60 again)."""
+    train(1, tmp_path, "--set", "train.max_steps=30")
+    proc = train(1, tmp_path, "--resume", "auto", "--set", "train.batch_size=100")
+    s = summary(tmp_path)
+    assert s["epochs_completed"] == 4 and s["steps"] == 30 + (12 - 9) + 3 * 12
+    assert "step 30 of the epoch becomes step 9" in proc.stderr
+
+
+def test_the_stop_status_survives_a_second_signal_before_the_exit(tmp_path):
+    """Issue 11, defect 5: a SIGTERM after the stop checkpoint, while the rank finalizes, must
+    not turn 75 into death by signal (the handlers stay installed until the exit)."""
+    proc = train(1, tmp_path, "--set", "train.epochs=50", check=False,
+                 script=["tests/mpi/fault_main.py", "term-at-exit"])
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert "stop signal" in proc.stderr and (tmp_path / "checkpoints").is_dir()
+
+
+def test_checkpoint_records_the_cpu_and_resume_says_what_it_means(tmp_path):
+    """Issue 11, defect 7: the manifest records the CPU model and numba's target; a resume on
+    the same CPU type promises a bit-identical continuation, on another one only an exact state."""
+    train(1, tmp_path / "a", "--set", "train.max_steps=30")
+    manifest = json.loads((newest(tmp_path / "a") / "manifest.json").read_text())
+    host = manifest["meta"]["host"]
+    assert host["cpu_model"] and host["numba_cpu_name"] and host["numba_cpu_features"]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    same = train(1, tmp_path / "a", "--resume", "auto")
+    assert "same CPU type" in same.stderr and "bit-identical" in same.stderr
+    path = newest(tmp_path / "b") / "manifest.json"
+    manifest["meta"]["host"] = dict(host, cpu_model="Another CPU 9000", numba_cpu_name="othercpu")
+    path.write_text(json.dumps(manifest))
+    other = train(1, tmp_path / "b", "--resume", "auto")
+    assert "Another CPU 9000" in other.stderr and "may differ from an uninterrupted run by rounding" in other.stderr
+    assert sha(tmp_path / "a") == sha(tmp_path / "b")  # (here it is the same CPU, really)
+

@@ -5,11 +5,14 @@ Usage: [mpiexec -n P] python tests/mpi/fault_main.py MODE <hpc-sparse args...>
 MODE: raise | kill            rank 1 raises / is SIGKILLed at its 5th training step
       kill-in-checkpoint      rank 0 is SIGKILLed while committing the 2nd checkpoint
                               (shards written, manifest not yet)
+      term-at-exit            every rank asks itself to stop (SIGUSR1) at its 5th step, and
+                              gets a second signal (SIGTERM) right before its requeue exit
 """
 
 import os
 import signal
 import sys
+import time
 
 from mpi4py import MPI
 
@@ -43,6 +46,32 @@ elif mode == "kill-in-checkpoint":
         return original_manifest(*args, **kwargs)
 
     ckfmt.write_manifest = faulty_manifest
+elif mode == "term-at-exit":
+    original_step = SparseMLP.train_step
+
+    def stopping_step(self, *args, **kwargs):
+        calls["step"] += 1
+        if calls["step"] == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original_step(self, *args, **kwargs)
+
+    SparseMLP.train_step = stopping_step
+    # the function the CLI leaves with after a stop (named exit_requeue before issue 11)
+    from hpc_sparse.parallel import comm as pcomm
+
+    if hasattr(pcomm, "exit_with_status"):
+        where, name = pcomm, "exit_with_status"
+    else:
+        import hpc_sparse.parallel.signals as where  # noqa: F811 - the old layout
+        name = "exit_requeue"
+    original_exit = getattr(where, name)
+
+    def term_first(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. scancel while the rank finalizes
+        time.sleep(0.3)
+        return original_exit(*args, **kwargs)
+
+    setattr(where, name, term_first)
 else:
     raise SystemExit(f"unknown mode {mode}")
 
