@@ -68,8 +68,19 @@ def test_paper_config_values():
 
 
 def test_every_key_is_documented():
-    for key, _, text in describe():
-        assert text, key
+    """Every config key has a help text, and the README's configuration table lists exactly
+    the keys there are, each with its default and that text (the table is generated from
+    ``describe()``; a key added or changed without regenerating it fails here)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = readme.splitlines()
+    start = lines.index("| key | default | meaning |") + 2
+    table = lines[start:lines.index("", start)]
+    documented = {line.split("`")[1]: line for line in table}
+    keys = describe()
+    assert all(text for _, _, text in keys)
+    assert sorted(documented) == sorted(k for k, _, _ in keys)
+    for key, default, text in keys:
+        assert documented[key] == f"| `{key}` | `{default}` | {text} |", key
 
 
 def test_partition_covers_each_sample_once():
