@@ -18,17 +18,27 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     fi
 fi
 
+PY=python3
+# An interpreter that refuses pip installs (PEP 668, e.g. Debian's own python3 outside a
+# venv): install into a venv of the checkout instead (Debian: apt-get install python3-venv).
+if python3 -c 'import os, sys, sysconfig; sys.exit(sys.prefix != sys.base_prefix or not os.path.exists(
+        os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+    echo "== python3 is externally managed (PEP 668): using the venv .venv"
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    PY=$PWD/.venv/bin/python
+fi
+
 echo "== pip install -e .[test]"
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+"$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
 
 # PyPI's mpich installs mpiexec beside the interpreter; `python -m pip` does not refresh
 # pyenv's shims, so do not rely on PATH alone.
-MPIEXEC=$(python3 -c 'import sys, pathlib; p = pathlib.Path(sys.executable).with_name("mpiexec"); print(p if p.exists() else "mpiexec")')
+MPIEXEC=$("$PY" -c 'import sys, pathlib; p = pathlib.Path(sys.executable).with_name("mpiexec"); print(p if p.exists() else "mpiexec")')
 
 export HPC_SPARSE_THREADS=1
 echo "== serial suite (one process)"
-python3 -m pytest -q -p no:cacheprovider tests
+"$PY" -m pytest -q -p no:cacheprovider tests
 for n in 2 3; do
     echo "== MPI suite under mpiexec -n $n"
-    "$MPIEXEC" -n "$n" python3 -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi
+    "$MPIEXEC" -n "$n" "$PY" -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi
 done
