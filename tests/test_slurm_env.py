@@ -195,3 +195,22 @@ def test_exit_requeue_status_and_flush(prefix):
     assert proc.returncode == EXIT_REQUEUE, proc.stderr
     assert proc.stdout == "x"
     assert "Abort" not in proc.stderr
+
+
+# --- host CPU ------------------------------------------------------------------------
+
+
+def test_cpu_model_and_host_comparison(tmp_path):
+    from hpc_sparse.runtime.host import compare_hosts, cpu_model, host_info
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
+    assert cpu_model(info) == "AMD EPYC 9654 96-Core Processor"
+    here = host_info()
+    assert set(here) == {"cpu_model", "machine", "numba_cpu_name", "numba_cpu_features"} and all(here.values())
+    same, line = compare_hosts(dict(here), here)
+    assert same and "bit-identical" in line
+    other, line = compare_hosts(dict(here, numba_cpu_features="0123456789abcdef"), here)
+    assert not other and "may differ" in line and "0123456789abcdef" in line
+    unknown, line = compare_hosts(None, here)
+    assert not unknown and "does not record its CPU" in line
