@@ -179,7 +179,7 @@ class Trainer:
                 loss_sum, correct = 0.0, 0
                 if idx.size:
                     self._last_idx = idx
-                    r = self.model.train_step(data.x_train[idx], data.y_train[idx], sgd,
+                    r = self.model.train_step(*data.train_batch(idx, cfg.seed, p.epoch), sgd,
                                               dropout_key(cfg.seed, p.step, self.rank, 0))
                     loss_sum, correct = r.loss_sum, r.correct
                 self._local += (loss_sum, correct, idx.size)
