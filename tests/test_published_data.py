@@ -117,7 +117,7 @@ def test_augmentation_is_a_pure_function_of_seed_epoch_and_sample():
 
 
 def cifar_args(path: Path, *extra: str) -> list[str]:
-    return [f"data.name=cifar10", f"data.path={path}", "model.layers=[3072,24,10]", "model.epsilon=2",
+    return ["data.name=cifar10", f"data.path={path}", "model.layers=[3072,24,10]", "model.epsilon=2",
             "train.epochs=3", "train.batch_size=4", "train.threads=1", "checkpoint.every_seconds=0", *extra]
 
 
