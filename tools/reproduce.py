@@ -208,12 +208,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_results(plan: Plan, roots: list[Path], out: Path, profile: str, jobs: int, commit: str) -> int:
+def write_results(plan: Plan, roots: list[Path], out: Path, profile: str, jobs: int, commit: str, config: str
+                  ) -> int:
     """Collect, write every study's files, print the tables. Returns the number of missing cells."""
     from _reproduce_report import collect, write_study
 
     found = collect(plan, roots)
-    meta = {"profile": profile, "config": str(plan.base_config), "epochs": plan.epochs, "seeds": plan.seeds,
+    meta = {"profile": profile, "config": config, "epochs": plan.epochs, "seeds": plan.seeds,
             "jobs": jobs, "date": datetime.date.today().isoformat(), "commit": commit,
             "runs_found": len(found), "runs_planned": len(plan.runs)}
     for study in plan.studies.values():
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Path(args.config)
     if not (ROOT / config).is_file() and not config.is_file():
         ap.error(f"config '{config}' not found")
-    plan = make_plan(config if config.is_file() else ROOT / config, args.epochs, list(range(1, args.seeds + 1)), names)
+    plan = make_plan((config if config.is_file() else ROOT / config).resolve(), args.epochs, list(range(1, args.seeds + 1)), names)
     if args.sweep:
         lines, ranges = sweep_lines(plan, str(args.config))
         submit = [f"#   SWEEP_FILE={args.sweep} RUN_DIR=runs/reproduce sbatch --ntasks={p} --array={a}-{b} jobs/sweep.sbatch"
@@ -261,16 +262,17 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(s[2:] for s in submit))
         return 0
     if args.collect:
-        missing = write_results(plan, [Path(d) for d in args.collect], Path(args.out), "collect", args.jobs, commit)
+        missing = write_results(plan, [Path(d) for d in args.collect], Path(args.out), "collect", args.jobs, commit,
+                                args.config)
         return 1 if missing else 0
     preflight(plan)
     runs_dir = Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    failed = run_all(plan, runs_dir, max(1, args.jobs), args.timeout)
+    failed = run_all(plan, runs_dir.resolve(), max(1, args.jobs), args.timeout)  # the runs' cwd is the repo
     for run, why in failed.items():
         print(f"reproduce: run {run.name()} failed: {why} (log: {runs_dir / run.name() / 'reproduce.log'})",
               file=sys.stderr)
-    missing = write_results(plan, [runs_dir], Path(args.out), "quick", args.jobs, commit)
+    missing = write_results(plan, [runs_dir], Path(args.out), "quick", args.jobs, commit, args.config)
     return 1 if failed or missing else 0
 
 
