@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                   for p, a, b in ranges]
         header = [f"# tools/reproduce.py sweep: {len(lines)} runs of {args.config}, {args.epochs} epochs, seeds "
                   f"1..{args.seeds}; studies {', '.join(names)}.",
-                  "# Lines are ordered by rank count; submit each range with its --ntasks:", *submit,
+                  "# Lines are ordered by rank count; from the repository root, submit each range with its --ntasks:", *submit,
                   f"# then: python tools/reproduce.py --collect runs/ --config {args.config} --epochs {args.epochs} "
                   f"--seeds {args.seeds} --studies {','.join(names)}"]
         Path(args.sweep).write_text("\n".join(header + lines) + "\n")
