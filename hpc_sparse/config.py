@@ -29,22 +29,28 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    name: str = _f("synthetic", "dataset: synthetic | fashion-mnist | mnist | file",
-                   choices=("synthetic", "fashion-mnist", "mnist", "file"))
+    name: str = _f("synthetic", "dataset: synthetic | fashion-mnist | mnist | cifar10 | madelon | higgs | file",
+                   choices=("synthetic", "fashion-mnist", "mnist", "cifar10", "madelon", "higgs", "file"))
     path: str = _f("", "folder of idx/idx.gz files (fashion-mnist, mnist; default: the folder of "
-                       "Debian's dataset-fashion-mnist), or the training .npz/.h5 file (file)")
+                       "Debian's dataset-fashion-mnist); of the publisher's files (cifar10: "
+                       "cifar-10-batches-bin, madelon: madelon_*.data/.labels, higgs: HIGGS.csv[.gz]); "
+                       "or the training .npz/.h5 file (file)")
     test_path: str = _f("", "test .npz/.h5 file for data.name='file' (X, y datasets)")
     preprocess: str = _f("auto", "auto | standardize | scale | none. auto: per-feature standardisation "
                                  "(training mean/std) for fashion-mnist, synthetic and file; /255 for mnist",
                          choices=("auto", "standardize", "scale", "none"))
     n_train: int = _f(6000, "synthetic: number of training samples", min=1)
-    n_test: int = _f(2000, "synthetic: number of test samples", min=1)
+    n_test: int = _f(0, "test samples: synthetic generates this many, higgs takes the file's last "
+                        "n_test rows; 0 = the dataset's default (synthetic 2000, higgs 500000)", min=0)
     n_features: int = _f(500, "synthetic: total features (informative + redundant + noise)", min=2)
     n_informative: int = _f(20, "synthetic: informative features (Madelon uses 5 of 500 plus 15 "
                                 "redundant; here informative includes both)", min=1)
     n_classes: int = _f(4, "synthetic: number of classes", min=2)
     seed: int = _f(1234, "synthetic: seed of the generated dataset (independent of the run seed)", min=0)
     noise: float = _f(0.5, "synthetic: std of the Gaussian noise added to the informative features", min=0.0)
+    augment: bool = _f(False, "cifar10: shift each training image by up to 3 pixels (10%; edge pixels "
+                              "repeated) and flip it left-right with probability 1/2, a pure function of "
+                              "(seed, epoch, sample), so resume stays exact")
 
 
 @dataclass
@@ -230,6 +236,8 @@ def validate(cfg: Config) -> Config:
     if cfg.data.name == "synthetic" and cfg.data.n_informative > cfg.data.n_features:
         raise UserError(f"data.n_informative={cfg.data.n_informative} exceeds data.n_features="
                         f"{cfg.data.n_features}; fix: lower data.n_informative")
+    if cfg.data.augment and cfg.data.name != "cifar10":
+        raise UserError("data.augment=true works with data.name='cifar10' only; fix: set data.augment=false")
     if cfg.data.name == "file" and not cfg.data.path:
         raise UserError("data.name='file' needs data.path (training .npz/.h5 with X and y); "
                         "fix: --set data.path=train.npz data.test_path=test.npz")

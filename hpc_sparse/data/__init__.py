@@ -1,4 +1,5 @@
-"""Datasets: (Fashion-)MNIST idx folders, npz/h5 files, a built-in synthetic generator; data order.
+"""Datasets: (Fashion-)MNIST idx folders, CIFAR-10/Madelon/HIGGS publisher files, npz/h5 files, a
+built-in synthetic generator; data order.
 
 Never sees a communicator; rank-dependent selection is done with the pure functions of
 :mod:`hpc_sparse.data.partition`. Takes plain arguments (it does not know the config
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpc_sparse.data.augment import max_shift_pixels, shift_flip
 from hpc_sparse.data.loaders import default_fashion_mnist_dir, load_idx_folder, load_xy_file
 from hpc_sparse.data.partition import (
     AsyncBatches,
@@ -24,6 +26,7 @@ from hpc_sparse.data.partition import (
     updates_per_server_epoch,
 )
 from hpc_sparse.data.preprocess import scale, standardize
+from hpc_sparse.data.published import PUBLISHED, load_published
 from hpc_sparse.data.synthetic import make_madelon
 from hpc_sparse.errors import UserError
 
@@ -39,31 +42,51 @@ class Dataset:
     y_test: np.ndarray
     n_classes: int
     source: str
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of each flattened image row
+    augment: bool = False  # random shifts and flips of training batches (data.augment)
 
     @property
     def n_features(self) -> int:
         return int(self.x_train.shape[1])
 
+    def train_batch(self, idx: np.ndarray, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x (len(idx), features) float32, y (len(idx),) int32): the training samples ``idx``,
+        augmented if ``augment`` with a transform that is a pure function of (seed, epoch, sample)."""
+        x = self.x_train[idx]
+        if self.augment and self.image_shape is not None:
+            x = shift_flip(x, self.image_shape, seed, epoch, idx, max_shift_pixels(self.image_shape))
+        return x, self.y_train[idx]
+
 
 def load_dataset(name: str, path: str = "", test_path: str = "", preprocess: str = "auto", *,
-                 n_train: int = 6000, n_test: int = 2000, n_features: int = 500, n_informative: int = 20,
-                 n_classes: int = 4, seed: int = 1234, noise: float = 0.5) -> Dataset:
+                 n_train: int = 6000, n_test: int = 0, n_features: int = 500, n_informative: int = 20,
+                 n_classes: int = 4, seed: int = 1234, noise: float = 0.5, augment: bool = False) -> Dataset:
     """Load and preprocess a dataset. Raises UserError with a fix on bad input.
 
     Parameters
     ----------
-    name : "synthetic" | "fashion-mnist" | "mnist" | "file"
+    name : "synthetic" | "fashion-mnist" | "mnist" | "file" | "cifar10" | "madelon" | "higgs"
     path : str
-        Folder of the idx/idx.gz files (fashion-mnist: default Debian's folder; mnist), or
-        the training .npz/.h5 file (file).
+        Folder of the idx/idx.gz files (fashion-mnist: default Debian's folder; mnist), the
+        folder of a published dataset's files (cifar10, madelon, higgs), or the training
+        .npz/.h5 file (file).
     test_path : str
         The test .npz/.h5 file (file).
     preprocess : "auto" | "standardize" | "scale" | "none"
         auto: /255 for mnist, per-feature standardisation otherwise.
-    n_train, n_test, n_features, n_informative, n_classes, seed, noise
+    n_test : int
+        Test samples: synthetic generates this many, higgs takes the file's last n_test rows;
+        0 = the dataset's default (synthetic 2000, higgs 500000).
+    n_train, n_features, n_informative, n_classes, seed, noise
         The synthetic generator's sizes, seed and noise (ignored for the other datasets).
+    augment : bool
+        cifar10: random shifts and flips of training batches (:meth:`Dataset.train_batch`).
     """
+    if name in PUBLISHED:
+        a = load_published(name, path, preprocess, n_test)
+        return Dataset(name, a.x_train, a.y_train, a.x_test, a.y_test, a.n_classes, a.source, a.image_shape, augment)
     if name == "synthetic":
+        n_test = n_test or 2000  # 0: the dataset's default
         x, y = make_madelon(n_train + n_test, n_features, n_informative, n_classes, noise, seed)
         xtr, ytr, xte, yte = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
         source = f"synthetic Madelon-style (seed {seed})"

@@ -80,7 +80,7 @@ class _SyncRun:
                 loss_sum, correct = 0.0, 0
                 if idx.size:
                     self.last_idx = idx
-                    r = model.train_step(data.x_train[idx], data.y_train[idx], sgd,
+                    r = model.train_step(*data.train_batch(idx, cfg.seed, p.epoch), sgd,
                                          dropout_key(cfg.seed, p.step, e.rank, 0))
                     loss_sum, correct = r.loss_sum, r.correct
                 self.local += (loss_sum, correct, idx.size)

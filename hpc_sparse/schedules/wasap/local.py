@@ -79,7 +79,7 @@ class LocalPhase:
                 s = self.round
                 idx = batch_indices(perm, e.size, e.rank, cfg.train.batch_size, s)
                 if idx.size:
-                    r = model.train_step(data.x_train[idx], data.y_train[idx], run.sgd,
+                    r = model.train_step(*data.train_batch(idx, cfg.seed, epoch), run.sgd,
                                          dropout_key(cfg.seed, epoch * run.spe + s, e.rank, 0))
                     self.sums += (r.loss_sum, r.correct, r.count)
                     last_idx = idx

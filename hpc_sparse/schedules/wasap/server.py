@@ -86,9 +86,8 @@ class Server:
     # ------------------------------------------------------------------ updates
     def own_step(self, step: int, idx: np.ndarray, rank: int = 0) -> None:
         """One fused training step on the master model (rank: whose batch it is, for dropout)."""
-        d = self.e.data
-        r = self.model.train_step(d.x_train[idx], d.y_train[idx], self.run.sgd,
-                                  dropout_key(self.cfg.seed, step, rank, 0))
+        batch = self.e.data.train_batch(idx, self.cfg.seed, step // self.run.spe)
+        r = self.model.train_step(*batch, self.run.sgd, dropout_key(self.cfg.seed, step, rank, 0))
         self.last_idx = idx
         self.totals["own" if rank == 0 else "taken"] += 1
         self._count(r.loss_sum, r.correct, r.count)

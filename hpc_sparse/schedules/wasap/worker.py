@@ -43,9 +43,9 @@ class Worker:
     def compute(self, item: int) -> tuple[wp.Header, np.ndarray]:
         """The GRAD message of batch ``item`` on the model this worker holds."""
         e, model = self.e, self.e.model
-        _, step, idx = self.batches[item]
+        epoch, step, idx = self.batches[item]
         t0 = time.perf_counter()
-        loss, gws, gbs = model.gradients(e.data.x_train[idx], e.data.y_train[idx],
+        loss, gws, gbs = model.gradients(*e.data.train_batch(idx, e.cfg.seed, epoch),
                                          dropout_key(e.cfg.seed, step, e.rank, 0))
         payload = np.concatenate([a for gw, gb in zip(gws, gbs) for a in (gw, gb)])
         self.t_compute += time.perf_counter() - t0
