@@ -22,7 +22,7 @@ from hpc_sparse.config import Config, config_from_dict
 from hpc_sparse.data import Dataset, batch_indices, block_bounds, epoch_permutation, load_dataset, steps_per_epoch
 from hpc_sparse.errors import UserError
 from hpc_sparse.log import RunLog
-from hpc_sparse.model_builder import build_model, check_data_shape, model_from_state
+from hpc_sparse.model_builder import build_model, check_data_shape, describe_blocking, model_from_state
 from hpc_sparse.parallel import comm as pc
 from hpc_sparse.parallel.averaging import ReplicaAverager
 from hpc_sparse.parallel.signals import EXIT_REQUEUE, StopFlag
@@ -103,6 +103,7 @@ class Trainer:
             self.model = build_model(cfg)
             self.log.info(f"model: {list(self.model.widths)}, nnz {self.model.nnz:,}, epsilon {cfg.model.epsilon}, "
                           f"{cfg.model.activation}, dropout {cfg.model.dropout}")
+        self.log.info(describe_blocking(self.model, cfg.train.batch_size))
         if self.rank == 0:
             (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
         return data
