@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import sys
 
@@ -44,21 +43,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench_common as bc  # noqa: E402
 
 MEMORY_LIMIT_FRACTION = 0.6  # of RAM, for the model plus activation buffers
-
-
-def layer_bound_bytes(n_in: int, n_out: int, nnz: int, batch: int, cache: int) -> float:
-    """Bytes a step must move for one layer (module docstring)."""
-    best = math.inf
-    rows = 13 * n_out * batch
-    for c in sorted({*range(16, batch, 16), batch}):
-        chunks = batch / c
-        if n_out * min(c, 16) * 4 > cache:  # not even one line per row fits: every gather misses
-            b = 2 * nnz * (batch / 16) * 64 + 28 * nnz * chunks + 16 * n_in * batch + rows
-        else:
-            blocks = max(1, math.ceil(n_out * c * 4 / cache))
-            b = chunks * 28 * nnz + blocks * 16 * n_in * batch + rows
-        best = min(best, b)
-    return best
 
 
 def step_bytes_estimate(widths: list[int], nnz: int, batch: int) -> int:
@@ -115,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         nnz = model.nnz
         ns = ms * threads * 1e6 / (nnz * batch)
         ref_ns = ref_ns if ref_ns is not None else (ns if w == 1000 else None)
-        bytes_needed = sum(layer_bound_bytes(l.shape[0], l.shape[1], l.nnz, batch, cache) for l in model.layers)
+        bytes_needed = sum(bc.layer_bound_bytes(l.shape[0], l.shape[1], l.nnz, batch, cache) for l in model.layers)
         tb_ms = 1e3 * bytes_needed / bw
         rec = {
             "bench": "width", "width": w, "widths": widths, "nnz": nnz, "batch": batch, "threads": threads,
