@@ -113,8 +113,8 @@ def test_forward_act_matches_dense_for_every_plan(rng, idx, nb, kind, slope, p):
         bounds, seg = parts(w, n_blocks, threads)
         z, out = np.full((41, nb), np.nan, np.float32), np.full((41, nb), np.nan, np.float32)
         keep = np.zeros((41, nb), np.uint8)
-        kf.forward_act(seg, bounds, w.indices, w.data, a, bias, chunk or nb, z, kind, np.float32(slope), thr, scale,
-                       key, out, keep)
+        kf.forward_act(seg, bounds, n_blocks, w.indices, w.data, a, bias, chunk or nb, z, kind, np.float32(slope),
+                       thr, scale, key, out, keep)
         np.testing.assert_allclose(z, z_ref, rtol=1e-4, atol=1e-4)
         if p == 0:
             np.testing.assert_allclose(out, f(z), rtol=1e-5, atol=1e-6)
@@ -136,7 +136,7 @@ def test_forward_linear_matches_dense(rng, idx, nb):
     for n_blocks, threads, chunk in PLANS:
         bounds, seg = parts(w, n_blocks, threads)
         z = np.full((50, nb), np.nan, np.float32)
-        kf.forward_linear(seg, bounds, w.indices, w.data, a, bias, chunk or nb, z)
+        kf.forward_linear(seg, bounds, n_blocks, w.indices, w.data, a, bias, chunk or nb, z)
         np.testing.assert_allclose(z, w.toarray().astype(np.float64).T @ a + bias[:, None], rtol=1e-4, atol=1e-4)
 
 
@@ -146,7 +146,7 @@ def test_dropout_mask_rate_and_determinism(rng):
     z, a, keep = np.empty((200, 64), np.float32), np.empty((200, 64), np.float32), np.empty((200, 64), np.uint8)
     x = np.ones((200, 64), np.float32)
     key, thr = dropout_key(7, 3, 0, 0), np.uint64(int(0.3 * 2 ** 32))
-    kf.forward_act(seg, bounds, w.indices, w.data, x, np.zeros(200, np.float32), 64, z, 0, np.float32(0), thr,
+    kf.forward_act(seg, bounds, 1, w.indices, w.data, x, np.zeros(200, np.float32), 64, z, 0, np.float32(0), thr,
                    np.float32(1 / 0.7), key, a, keep)
     assert abs(keep.mean() - 0.7) < 0.02
     np.testing.assert_allclose(a[keep == 1], 1 / 0.7, rtol=1e-6)

@@ -1,10 +1,11 @@
 """Forward kernels: the CSR scatter product fused with bias, activation and dropout.
 
 ``z[j, :] = bias[j] + sum_i w_ij * a[i, :]`` is computed row by row of ``W``: every stored
-``w_ij`` adds ``w_ij * a[i, c0:c1]`` into output row ``j``. Threads own disjoint column
-*parts* of W (:mod:`hpc_sparse.sparse.blocking`), so no two threads write one output row,
-and a part's output rows stay in cache while it runs: the random accesses (one output row
-per stored weight) hit the cache, and the input rows are streamed in order.
+``w_ij`` adds ``w_ij * a[i, c0:c1]`` into output row ``j``. The output columns are cut into
+blocks whose rows fit in the last-level cache, and each block into one *part* per thread
+(:mod:`hpc_sparse.sparse.blocking`): no two threads write one output row, the random
+accesses (one output row per stored weight) hit the cache, and the threads stream the input
+rows in order, together, so the second reader of a row finds it in the shared cache.
 
 Every ``z[j, b]`` receives its terms in increasing ``i``, one fused multiply-add each,
 whatever the parts, chunks or thread count: the result does not depend on any of them.
@@ -117,37 +118,42 @@ def _activate_row(zr, ar, kr, kind, slope, threshold, scale, key, base):  # prag
 
 
 @njit(parallel=True, **_OPTS)
-def forward_act(seg, bounds, indices, data, a_in, bias, chunk, z, kind, slope, threshold, scale, key,
+def forward_act(seg, bounds, n_blocks, indices, data, a_in, bias, chunk, z, kind, slope, threshold, scale, key,
                 a_out, keep):  # pragma: no cover - numba
     """Forward through a hidden layer: z = a_in^T W + bias, then a_out = f(z) with dropout.
 
-    seg (n_parts + 1, n_in), bounds (n_parts + 1,): column parts (:func:`kernels_layout.part_pointers`).
-    a_in: (n_in, B); z, a_out: (n_out, B) float32; keep: (n_out, B) uint8, the dropout mask
-    (written only when ``threshold > 0``; ``threshold = p * 2**32``, ``scale = 1 / (1 - p)``).
-    ``chunk``: samples per pass (the batch, or fewer for very wide layers).
+    seg (n_parts + 1, n_in), bounds (n_parts + 1,): ``n_blocks`` column blocks of equal part
+    counts (:func:`kernels_layout.part_pointers`). a_in: (n_in, B); z, a_out: (n_out, B)
+    float32; keep: (n_out, B) uint8, the dropout mask (written only when ``threshold > 0``;
+    ``threshold = p * 2**32``, ``scale = 1 / (1 - p)``). ``chunk``: samples per pass (the
+    batch, or fewer for very wide layers).
     """
     n_out, nb = z.shape
-    n_parts = bounds.shape[0] - 1
+    per_block = (bounds.shape[0] - 1) // n_blocks
     for c0 in range(0, nb, chunk):
         c1 = min(nb, c0 + chunk)
-        for p in prange(n_parts):
-            j0 = bounds[p]
-            j1 = bounds[p + 1]
-            _fill_bias(z, bias, j0, j1, c0, c1)
-            _scatter_part(seg, p, indices, data, a_in, z, c0, c1)
-            for j in range(j0, j1):  # the part's rows are complete and still in cache
-                _activate_row(z[j, c0:c1], a_out[j, c0:c1], keep[j, c0:c1], kind, slope, threshold, scale, key,
-                              j * nb + c0)
+        for q in range(n_blocks):
+            for t in prange(per_block):
+                p = q * per_block + t
+                j0 = bounds[p]
+                j1 = bounds[p + 1]
+                _fill_bias(z, bias, j0, j1, c0, c1)
+                _scatter_part(seg, p, indices, data, a_in, z, c0, c1)
+                for j in range(j0, j1):  # the part's rows are complete and still in cache
+                    _activate_row(z[j, c0:c1], a_out[j, c0:c1], keep[j, c0:c1], kind, slope, threshold, scale,
+                                  key, j * nb + c0)
 
 
 @njit(parallel=True, **_OPTS)
-def forward_linear(seg, bounds, indices, data, a_in, bias, chunk, z):  # pragma: no cover - numba
+def forward_linear(seg, bounds, n_blocks, indices, data, a_in, bias, chunk, z):  # pragma: no cover - numba
     """z = a_in^T W + bias without activation (the output layer); shapes as :func:`forward_act`."""
     n_out, nb = z.shape
-    n_parts = bounds.shape[0] - 1
+    per_block = (bounds.shape[0] - 1) // n_blocks
     for c0 in range(0, nb, chunk):
         c1 = min(nb, c0 + chunk)
-        for p in prange(n_parts):
-            _fill_bias(z, bias, bounds[p], bounds[p + 1], c0, c1)
-            _scatter_part(seg, p, indices, data, a_in, z, c0, c1)
+        for q in range(n_blocks):
+            for t in prange(per_block):
+                p = q * per_block + t
+                _fill_bias(z, bias, bounds[p], bounds[p + 1], c0, c1)
+                _scatter_part(seg, p, indices, data, a_in, z, c0, c1)
 

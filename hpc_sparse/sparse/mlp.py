@@ -130,13 +130,14 @@ class SparseMLP:
             bounds, seg = layer.part_index(plan.n_blocks, threads)
             w = layer.weight
             if l == last:
-                kf.forward_linear(seg, bounds, w.indices, w.data, a_prev, layer.bias, plan.chunk, buf.z[l])
+                kf.forward_linear(seg, bounds, plan.n_blocks, w.indices, w.data, a_prev, layer.bias, plan.chunk,
+                                  buf.z[l])
             else:
                 f = self.activations[l]
                 key = (np.uint64((int(dropout_key) + l * 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF)
                        if p > 0 else np.uint64(0))
-                kf.forward_act(seg, bounds, w.indices, w.data, a_prev, layer.bias, plan.chunk, buf.z[l], f.kind,
-                               np.float32(f.slope), threshold, scale, key, buf.a[l], buf.keep[l])
+                kf.forward_act(seg, bounds, plan.n_blocks, w.indices, w.data, a_prev, layer.bias, plan.chunk,
+                               buf.z[l], f.kind, np.float32(f.slope), threshold, scale, key, buf.a[l], buf.keep[l])
                 a_prev = buf.a[l]
             if prof is not None:
                 t0 = prof.lap(f"forward[{l}]", t0)
