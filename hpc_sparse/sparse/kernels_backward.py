@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 _OPTS = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"}, boundscheck=False)
+_U = np.uint64
 
 
 @njit(inline="always", **_OPTS)
@@ -124,24 +125,29 @@ def _consume(k, w, g, first, last, update, gacc, data, velocity, lr, mu, lrd, ne
 def _row(i, k, hi, indices, data, velocity, gacc, delta, a_prev, out, c0, c1, with_out, first, last, update,
          lr, mu, lrd, nesterov):  # pragma: no cover - numba
     """Entries k..hi of row i over samples c0..c1: out[i] += w * delta[j] (if with_out) and each
-    entry's gradient part a_prev[i] . delta[j], consumed by :func:`_consume`."""
+    entry's gradient part a_prev[i] . delta[j], consumed by :func:`_consume`. Positions are
+    unsigned (``_U``) so that numba skips its negative-index wrap-around."""
     n = c1 - c0
-    ai = a_prev[i, c0:c1]
-    o = out[i if with_out else 0, c0:c1]
-    while k + 4 <= hi:
+    u0 = _U(c0)
+    k = _U(k)
+    hi = _U(hi)
+    ai = a_prev[i]
+    o = out[i if with_out else 0]
+    while k + _U(4) <= hi:
         w0 = data[k]
-        w1 = data[k + 1]
-        w2 = data[k + 2]
-        w3 = data[k + 3]
-        d0 = delta[indices[k], c0:c1]
-        d1 = delta[indices[k + 1], c0:c1]
-        d2 = delta[indices[k + 2], c0:c1]
-        d3 = delta[indices[k + 3], c0:c1]
+        w1 = data[k + _U(1)]
+        w2 = data[k + _U(2)]
+        w3 = data[k + _U(3)]
+        d0 = delta[_U(indices[k])]
+        d1 = delta[_U(indices[k + _U(1)])]
+        d2 = delta[_U(indices[k + _U(2)])]
+        d3 = delta[_U(indices[k + _U(3)])]
         g0 = np.float32(0.0)
         g1 = np.float32(0.0)
         g2 = np.float32(0.0)
         g3 = np.float32(0.0)
-        for b in range(n):
+        for t in range(n):
+            b = u0 + _U(t)
             x0 = d0[b]
             x1 = d1[b]
             x2 = d2[b]
@@ -154,21 +160,22 @@ def _row(i, k, hi, indices, data, velocity, gacc, delta, a_prev, out, c0, c1, wi
             g2 += x * x2
             g3 += x * x3
         _consume(k, w0, g0, first, last, update, gacc, data, velocity, lr, mu, lrd, nesterov)
-        _consume(k + 1, w1, g1, first, last, update, gacc, data, velocity, lr, mu, lrd, nesterov)
-        _consume(k + 2, w2, g2, first, last, update, gacc, data, velocity, lr, mu, lrd, nesterov)
-        _consume(k + 3, w3, g3, first, last, update, gacc, data, velocity, lr, mu, lrd, nesterov)
-        k += 4
+        _consume(k + _U(1), w1, g1, first, last, update, gacc, data, velocity, lr, mu, lrd, nesterov)
+        _consume(k + _U(2), w2, g2, first, last, update, gacc, data, velocity, lr, mu, lrd, nesterov)
+        _consume(k + _U(3), w3, g3, first, last, update, gacc, data, velocity, lr, mu, lrd, nesterov)
+        k += _U(4)
     while k < hi:
         w0 = data[k]
-        d0 = delta[indices[k], c0:c1]
+        d0 = delta[_U(indices[k])]
         g0 = np.float32(0.0)
-        for b in range(n):
+        for t in range(n):
+            b = u0 + _U(t)
             x0 = d0[b]
             if with_out:
                 o[b] += w0 * x0
             g0 += ai[b] * x0
         _consume(k, w0, g0, first, last, update, gacc, data, velocity, lr, mu, lrd, nesterov)
-        k += 1
+        k += _U(1)
 
 
 @njit(inline="always", **_OPTS)
