@@ -30,7 +30,13 @@ def build_model(cfg: Config) -> SparseMLP:
         rng = np.random.default_rng([cfg.seed, 0x1417, l])
         layers.append(SparseLinear(erdos_renyi(rng, n_in, n_out, cfg.model.epsilon, cfg.model.init)))
     acts = hidden_activations(cfg.model.activation, cfg.model.alpha, len(widths) - 2)
-    return SparseMLP(layers, acts, cfg.model.dropout)
+    return _with_blocking(cfg, SparseMLP(layers, acts, cfg.model.dropout))
+
+
+def _with_blocking(cfg: Config, model: SparseMLP) -> SparseMLP:
+    """Apply the config's cache blocking overrides (``train.batch_chunk``, ``train.block_columns``)."""
+    model.configure_blocking(cfg.train.batch_chunk, cfg.train.block_columns)
+    return model
 
 
 def model_from_state(cfg: Config, state: dict[str, object], source: str) -> SparseMLP:
@@ -52,7 +58,7 @@ def model_from_state(cfg: Config, state: dict[str, object], source: str) -> Spar
         raise UserError(f"checkpoint {source} has layer widths {widths} but the config says model.layers={want}; "
                         "fix: use the run's original model.layers or a new --run-dir", every_rank=True)
     acts = hidden_activations(cfg.model.activation, cfg.model.alpha, n_layers - 1)
-    return SparseMLP.from_state_dict(state, acts, cfg.model.dropout)
+    return _with_blocking(cfg, SparseMLP.from_state_dict(state, acts, cfg.model.dropout))
 
 
 def model_rank_arrays(model: SparseMLP) -> dict[str, np.ndarray]:
@@ -86,3 +92,11 @@ def model_from_rank_arrays(cfg: Config, arrays: dict[str, np.ndarray], source: s
         raise UserError(f"checkpoint {source}: this rank's model is incomplete or inconsistent ({exc}); "
                         "fix: resume an older checkpoint", every_rank=False) from exc
     return model_from_state(cfg, state, source)
+
+
+def describe_blocking(model: SparseMLP, batch: int) -> str:
+    """One log line: each layer's cache blocking at ``batch`` samples (see ``sparse/blocking.py``)."""
+    plans = model.blocking_plans(batch)
+    if all(p.n_blocks == 1 and p.chunk == batch for p in plans):
+        return f"cache blocking: none needed at batch {batch} (every layer's output rows fit in the cache)"
+    return "cache blocking: " + "; ".join(f"layer {l}: {p.describe(batch)}" for l, p in enumerate(plans))

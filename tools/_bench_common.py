@@ -11,6 +11,7 @@ import ctypes
 import gc
 import glob
 import json
+import math
 import os
 import platform
 import resource
@@ -210,3 +211,22 @@ def build_mlp(widths: list[int], epsilon: float | list[float], seed: int = 0, ac
 def epsilon_for_density(n_in: int, n_out: int, density: float) -> float:
     """The Erdős–Rényi epsilon that gives ``density`` on an (n_in, n_out) layer."""
     return density * n_in * n_out / (n_in + n_out)
+
+
+# ---------------------------------------------------------------------- traffic bound
+def layer_bound_bytes(n_in: int, n_out: int, nnz: int, batch: int, cache: int) -> float:
+    """Bytes one training step must move for one layer (n_in, n_out, nnz) at ``batch`` samples,
+    given a last-level cache of ``cache`` bytes: the best batch chunk ``c`` of the cache-blocked
+    scheme, with the output side in column blocks whose rows fit in the cache. The formula is
+    written out in ``tools/bench_width.py``'s docstring."""
+    best = math.inf
+    rows = 13 * n_out * batch
+    for c in sorted({*range(16, batch, 16), batch}):
+        chunks = batch / c
+        if n_out * min(c, 16) * 4 > cache:  # not even one line per row fits: every gather misses
+            b = 2 * nnz * (batch / 16) * 64 + 28 * nnz * chunks + 16 * n_in * batch + rows
+        else:
+            blocks = max(1, math.ceil(n_out * c * 4 / cache))
+            b = chunks * 28 * nnz + blocks * 16 * n_in * batch + rows
+        best = min(best, b)
+    return best

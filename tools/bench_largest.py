@@ -1,11 +1,13 @@
-"""Train ~20 steps of a very large truly sparse network and report its size, speed and memory.
+"""Train steps of a very large truly sparse network and report its size, speed and memory.
 
-The default is the largest configuration verified on the 2-core, 24 GiB machine:
-784-2M-2M-2M-2M-2M-10 (10 M hidden neurons) at epsilon 10, batch 16. A dense version
-would need ~64 TB of float32 weights alone.
+The default is 784-2M-2M-2M-2M-2M-10 (10 M hidden neurons, 200 M connections) at epsilon
+10, batch 64, on the 2-core, 24 GiB machine. A dense version would need ~64 TB of float32
+weights alone. ``x_traffic_bound`` compares the step with the time to move the bytes it must
+move given the machine's last-level cache, at the STREAM triad bandwidth measured in the
+same run (the model is written out in ``tools/bench_width.py``).
 
     python tools/bench_largest.py
-    python tools/bench_largest.py --widths 784,4000000,4000000,10 --epsilon 10 --batch 16 --steps 20
+    python tools/bench_largest.py --widths 784,4000000,4000000,10 --epsilon 10 --batch 64 --steps 5
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", default="784,2000000,2000000,2000000,2000000,2000000,10")
     ap.add_argument("--epsilon", type=float, default=10.0)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--dropout", type=float, default=0.3)
     ap.add_argument("--threads", type=int, default=0, help="0 = all")
     args = ap.parse_args(argv)
@@ -36,6 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     bc.set_threads(threads)
 
     from hpc_sparse.sparse import SGD, dropout_key
+    from hpc_sparse.sparse.blocking import last_level_cache_bytes
+    from hpc_sparse.sparse.profile import PhaseTimer
+
+    triad = bc.machine_bound(threads)["stream_triad_GBps"]
+    bc.set_threads(threads)
 
     base = bc.rss_bytes()
     t0 = time.perf_counter()
@@ -53,13 +60,26 @@ def main(argv: list[str] | None = None) -> None:
         times.append(time.perf_counter() - t1)
         losses.append(r.loss_sum / r.count)
     peak = bc.peak_rss_bytes()
+    timer = PhaseTimer()
+    model.profile = timer
+    model.train_step(x, y, sgd, dropout_key(0, args.steps, 0, 0))
+    model.profile = None
     weights_dense = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    cache = last_level_cache_bytes()
+    bound_bytes = sum(bc.layer_bound_bytes(l.shape[0], l.shape[1], l.nnz, args.batch, cache) for l in model.layers)
+    ms = 1e3 * float(np.median(times[1:] if len(times) > 2 else times))
+    bound_ms = 1e3 * bound_bytes / (triad * 1e9)
     bc.emit({
         "bench": "largest", "widths": widths, "epsilon": args.epsilon, "batch": args.batch, "steps": args.steps,
         "threads": threads, "dropout": args.dropout,
         "hidden_neurons": int(sum(widths[1:-1])), "nnz": model.nnz,
-        "ms_per_step": 1e3 * float(np.median(times)),
+        "ms_per_step": ms,
         "ms_first_step": 1e3 * times[0],
+        "samples_per_second": args.batch / (ms / 1e3),
+        "traffic_bound_ms": bound_ms, "x_traffic_bound": ms / bound_ms,
+        "bound_bytes": bound_bytes, "stream_triad_GBps": triad, "llc_bytes": cache,
+        "blocking": [p.describe(args.batch) for p in model.blocking_plans(args.batch)],
+        "phase_ms_one_step": {k: round(1e3 * v, 1) for k, v in timer.by_kind().items()},
         "peak_rss_bytes": peak, "baseline_rss_bytes": base,
         "bytes_per_nnz": (peak - base) / model.nnz,
         "build_seconds": build_s,

@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     n_neurons = sum(widths)
     act_bytes = n_neurons * args.batch * 13  # z, a, delta float32 + keep uint8 per neuron and sample
     weights_dense = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    plans = model.blocking_plans(args.batch)
     arrays = sum(l.weight.data.nbytes + l.weight.indices.nbytes + l.weight.indptr.nbytes + l.w_velocity.nbytes
-                 + l.t_indptr.nbytes + l.t_rows.nbytes + l.t_perm.nbytes + 2 * l.bias.nbytes for l in model.layers)
+                 + 2 * l.bias.nbytes + sum(a.nbytes for a in l.part_index(p.n_blocks, threads))
+                 for l, p in zip(model.layers, plans))
     bc.emit({
         "bench": "memory", "widths": widths, "epsilon": args.epsilon, "batch": args.batch, "threads": threads,
         "nnz": nnz,

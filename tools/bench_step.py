@@ -25,7 +25,6 @@ import argparse
 import gc
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -48,15 +47,16 @@ MASKED_DENSE_MAX_BYTES = 8 << 30
 def step_min_bytes(model, batch: int) -> int:
     """nnz-proportional traffic plus activations, read/written once per kernel.
 
-    Per stored weight: data+indices read by forward, backward and SDDMM (3 x 8 B), data
-    written (4 B), momentum read+write (8 B), CSC index t_rows+t_perm read (8 B) = 44 B.
-    Activations: each layer's input and output (batch x 4 B per neuron) are touched by
-    forward, backward and SDDMM (3 x (n_in + n_out) x batch x 4 B).
+    Per stored weight: data+indices read by the forward scatter (8 B); by the fused backward:
+    indices (4 B), data read+write (8 B), momentum read+write (8 B) = 28 B. Activations: each
+    layer's input and output (batch x 4 B per neuron) are touched by forward, backward and
+    SDDMM (3 x (n_in + n_out) x batch x 4 B). Re-streaming caused by cache blocking is not
+    counted: this is the minimum any kernel must move.
     """
     nnz = model.nnz
     w = model.widths
     act = sum(3 * (a + b) * batch * 4 for a, b in zip(w[:-1], w[1:]))
-    return 44 * nnz + act
+    return 28 * nnz + act
 
 
 def step_flops(model, batch: int) -> int:
@@ -64,44 +64,26 @@ def step_flops(model, batch: int) -> int:
 
 
 # -------------------------------------------------------------------- hpc_sparse
-def backward_timed(model, buf, sgd) -> tuple[float, float]:
-    """SparseMLP._backward's SGD path, kernel by kernel, timed: (seconds in the fused
-    backward kernels of layers L-1..1, which include their SDDMM + momentum update;
-    seconds in layer 0's SDDMM + momentum update and all bias updates)."""
-    from hpc_sparse.sparse import activations as act
-    from hpc_sparse.sparse import kernels
-
-    scale = np.float32(1.0 / (1.0 - model.dropout))
-    lr, mu, dec = np.float32(sgd.lr), np.float32(sgd.momentum), np.float32(sgd.weight_decay)
-    top = len(model.layers) - 1
-    t_bwd = t_upd = 0.0
-    t0 = time.perf_counter()
-    kernels.row_sums(buf.delta[top], buf.gbias[top])
-    t_upd += time.perf_counter() - t0
-    for l in range(top, -1, -1):
-        layer = model.layers[l]
-        w = layer.weight
-        t0 = time.perf_counter()
-        if l > 0:
-            f = model.activations[l - 1]
-            act.spmm_backward_act_sgd(w.indptr, w.indices, w.data, layer.w_velocity, buf.delta[l], buf.a[l - 1],
-                                      buf.z[l - 1], buf.keep[l - 1], f.kind, np.float32(f.slope), scale, True,
-                                      lr, mu, dec, sgd.nesterov, buf.delta[l - 1], buf.gbias[l - 1])
-            t1 = time.perf_counter()
-            t_bwd += t1 - t0
+def _breakdown(phases: dict[str, float]) -> dict[str, float]:
+    """The product's phase names (``forward[l]``, ``backward[l]``, ...) in this tool's keys."""
+    out = {"forward": 0.0, "loss": 0.0, "backward": 0.0, "sddmm_update": 0.0}
+    for name, s in phases.items():
+        if name == "input" or name.startswith("forward"):
+            out["forward"] += s
+        elif name == "loss":
+            out["loss"] += s
+        elif name in ("backward[0]", "bias_update"):
+            out["sddmm_update"] += s
         else:
-            kernels.sddmm_sgd_update(w.indptr, w.indices, buf.x, buf.delta[0], w.data, layer.w_velocity,
-                                     lr, mu, dec, sgd.nesterov)
-            t1 = time.perf_counter()
-            t_upd += t1 - t0
-        kernels.dense_sgd_update(buf.gbias[l], layer.bias, layer.b_velocity, lr, mu, dec, sgd.nesterov)
-        t_upd += time.perf_counter() - t1
-    return t_bwd, t_upd
+            out["backward"] += s
+    return out
 
 
-def time_hpc(model, x, y, repeats: int) -> tuple[float, dict[str, float]]:
+def time_hpc(model, x, y, repeats: int) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Median ms of ``SparseMLP.train_step``; then the same calls with the product's own phase
+    timer attached, as a breakdown (by kind, and per phase)."""
     from hpc_sparse.sparse import SGD, dropout_key
-    from hpc_sparse.sparse.loss import softmax_xent
+    from hpc_sparse.sparse.profile import PhaseTimer
 
     sgd = SGD(LR, MOMENTUM)
     counter = [0]
@@ -111,24 +93,19 @@ def time_hpc(model, x, y, repeats: int) -> tuple[float, dict[str, float]]:
         model.train_step(x, y, sgd, dropout_key(0, counter[0], 0, 0))
 
     ms = bc.median_ms(step, repeats, warmup=3)
-    # component breakdown: the phases of the same step, timed one by one
-    buf = model._bufs(x.shape[0])
-    parts: dict[str, list[float]] = {"forward": [], "loss": [], "backward": [], "sddmm_update": []}
-    for r in range(max(3, repeats)):
-        key = dropout_key(0, 10_000 + r, 0, 0)
-        t0 = time.perf_counter()
-        logits = model._forward(x, buf, key)
-        t1 = time.perf_counter()
-        softmax_xent(logits, y, buf.delta[-1], buf.losses, buf.correct)
-        t2 = time.perf_counter()
-        bwd, upd = backward_timed(model, buf, sgd)
-        parts["forward"].append(t1 - t0)
-        parts["loss"].append(t2 - t1)
-        parts["backward"].append(bwd)
-        parts["sddmm_update"].append(upd)
-    br = {k: 1e3 * float(np.median(v)) for k, v in parts.items()}
+    timer = PhaseTimer()
+    model.profile = timer
+    runs = []
+    for _ in range(max(3, repeats)):
+        timer.reset()
+        step()
+        runs.append(dict(timer.seconds))
+    model.profile = None
+    names = sorted({k for r in runs for k in r})
+    per_phase = {k: 1e3 * float(np.median([r.get(k, 0.0) for r in runs])) for k in names}
+    br = {k: 1e3 * float(np.median([_breakdown(r)[k] for r in runs])) for k in _breakdown({})}
     br["glue"] = max(0.0, ms - sum(br.values()))
-    return ms, br
+    return ms, br, per_phase
 
 
 # ----------------------------------------------------------------- masked dense
@@ -256,7 +233,7 @@ def run(name: str, threads: int, repeats: int, bounds: dict[int, dict[str, float
     flops, nbytes = step_flops(model, batch), step_min_bytes(model, batch)
     bound_ms = 1e3 * max(flops / (bound["gemm_peak_GFLOPps"] * 1e9), nbytes / (bound["stream_triad_GBps"] * 1e9))
 
-    ms, breakdown = time_hpc(model, x, y, repeats)
+    ms, breakdown, per_phase = time_hpc(model, x, y, repeats)
     dense_weights = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
     dense_bytes = MASKED_DENSE_BYTES_PER_WEIGHT * dense_weights
     rec: dict = {"workload": name, "widths": widths, "batch": batch, "threads": threads, "nnz": model.nnz,
@@ -288,10 +265,13 @@ def run(name: str, threads: int, repeats: int, bounds: dict[int, dict[str, float
         "gemm_peak_GFLOPps": bound["gemm_peak_GFLOPps"], "stream_triad_GBps": bound["stream_triad_GBps"],
         "achieved_GFLOPps": flops / ms / 1e6,
         "breakdown_ms": breakdown,
-        "breakdown_note": "forward = fused product+bias+activation+dropout kernels (input transpose included); "
-                          "backward = fused CSR kernels of layers L-1..1 (gradient to the layer below + SDDMM "
-                          "+ momentum update + bias gradient); sddmm_update = layer 0's SDDMM + momentum update "
-                          "and the bias updates; glue = step minus the parts (Python, dispatch)",
+        "breakdown_per_phase_ms": per_phase,
+        "blocking": [p.describe(batch) for p in model.blocking_plans(batch)],
+        "breakdown_note": "timed inside SparseMLP.train_step by its PhaseTimer hook: forward = fused scatter "
+                          "product+bias+activation+dropout kernels (input transpose included); backward = fused "
+                          "kernels of layers L-1..1 (gradient to the layer below + SDDMM + momentum update + bias "
+                          "gradient); sddmm_update = layer 0's SDDMM + momentum update and the bias updates; "
+                          "glue = step minus the parts (Python, dispatch)",
         "dense_bytes": dense_bytes,
     })
     if md is None:

@@ -31,7 +31,7 @@ from hpc_sparse.engine.failure import end_job_on_error
 from hpc_sparse.engine.progress import Progress
 from hpc_sparse.errors import UserError
 from hpc_sparse.log import RunLog
-from hpc_sparse.model_builder import build_model, check_data_shape
+from hpc_sparse.model_builder import build_model, check_data_shape, describe_blocking
 from hpc_sparse.parallel import comm as pc
 from hpc_sparse.runtime.host import host_info
 from hpc_sparse.runtime.signals import EXIT_REQUEUE, StopFlag
@@ -180,6 +180,7 @@ class Engine:
             self.model = build_model(cfg)
             self.log.info(f"model: {list(self.model.widths)}, nnz {self.model.nnz:,}, epsilon {cfg.model.epsilon}, "
                           f"{cfg.model.activation}, dropout {cfg.model.dropout}")
+        self.log.info(describe_blocking(self.model, cfg.train.batch_size))
         if self.rank == 0:
             (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
 

@@ -10,7 +10,9 @@ Every activation is one of three kinds so that a single numba kernel serves all 
 
 Dropout masks come from a counter-based hash of ``(key, element index)``, so a mask is a
 pure function of the run seed, step, rank and layer: nothing to store, resumable exactly,
-and identical for any thread count.
+and identical for any thread count. The compiled activation and mask code is fused into
+the layer kernels (:mod:`kernels_forward`, :mod:`kernels_backward`); the numpy methods here
+are the references.
 """
 
 from __future__ import annotations
@@ -18,16 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-# The numba kernels live in kernels.py with every helper they inline: numba's on-disk
-# cache only notices edits to the file that defines a function, so a kernel must never
-# inline code from another module (a stale cached copy would silently keep the old code).
-from hpc_sparse.sparse.kernels import (  # noqa: F401  (re-exported: act.activate_dropout, ...)
-    activate,
-    activate_dropout,
-    spmm_backward_act,
-    spmm_backward_act_sgd,
-    spmm_forward_act,
-)
 
 KIND_PIECEWISE, KIND_TANH, KIND_SIGMOID = 0, 1, 2
 _MASK64 = (1 << 64) - 1
@@ -93,5 +85,4 @@ def dropout_key(seed: int, step: int, rank: int, layer: int) -> np.uint64:
         x ^= x >> 31
     return np.uint64(x)
 
-__all__ = ["Activation", "KIND_PIECEWISE", "KIND_SIGMOID", "KIND_TANH", "activate", "activate_dropout",
-           "dropout_key", "hidden_activations", "spmm_backward_act", "spmm_backward_act_sgd", "spmm_forward_act"]
+__all__ = ["Activation", "KIND_PIECEWISE", "KIND_SIGMOID", "KIND_TANH", "dropout_key", "hidden_activations"]

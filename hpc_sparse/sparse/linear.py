@@ -7,7 +7,8 @@ import hashlib
 import numpy as np
 import scipy.sparse as sp
 
-from hpc_sparse.sparse import kernels
+from hpc_sparse.sparse.blocking import part_bounds
+from hpc_sparse.sparse.kernels_layout import part_pointers
 
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -50,9 +51,9 @@ class SparseLinear:
     w_velocity : ndarray (nnz,) float32
         Momentum of each stored weight, aligned with ``weight.data``.
     b_velocity : ndarray (n_out,) float32
-    t_indptr, t_rows, t_perm : ndarrays
-        Column-order (CSC) index of ``weight`` for the forward kernel; see
-        :mod:`hpc_sparse.sparse.kernels`. Rebuilt by :meth:`set_weight` only.
+
+    The kernels also need, per row, where each column part starts (:meth:`part_index`); it
+    is derived from the CSR index on first use and dropped when the topology changes.
     """
 
     def __init__(self, weight: sp.spmatrix, bias: np.ndarray | None = None,
@@ -83,24 +84,25 @@ class SparseLinear:
             self.w_velocity = np.ascontiguousarray(w_velocity, np.float32).copy()
         if self.bias.shape[0] != self.weight.shape[1]:
             raise ValueError(f"bias has {self.bias.shape[0]} entries for {self.weight.shape[1]} outputs")
-        idt = self.weight.indices.dtype
-        n_out = self.weight.shape[1]
-        self.t_indptr = np.empty(n_out + 1, idt)
-        self.t_rows = np.empty(nnz, idt)
-        self.t_perm = np.empty(nnz, idt)
-        kernels.build_transpose(n_out, self.weight.indptr, self.weight.indices,
-                                self.t_indptr, self.t_rows, self.t_perm)
+        self._parts: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
 
-    def forward(self, a: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``out = (a^T @ W + b)^T``: a (n_in, B) float32 -> out (n_out, B) float32."""
-        w = self.weight
-        kernels.spmm_forward(self.t_indptr, self.t_rows, self.t_perm, w.data, a, self.bias, out)
-        return out
+    def part_index(self, n_blocks: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+        """Column parts for the kernels: ``n_blocks`` column blocks balanced by nnz, each split
+        into ``threads`` parts (:func:`blocking.part_bounds`).
 
-    def weight_grad(self, a: np.ndarray, delta: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Gradient at the stored positions only (SDDMM). a (n_in, B), delta (n_out, B) -> out (nnz,)."""
-        kernels.sddmm(self.weight.indptr, self.weight.indices, a, delta, out)
-        return out
+        Returns ``bounds (n_parts + 1,)`` int64 and ``seg (n_parts + 1, n_in)``, where row i's
+        entries in part p are ``seg[p, i] .. seg[p + 1, i]``; cached until :meth:`set_weight`.
+        O(nnz + n_in * n_parts) to build.
+        """
+        key = (n_blocks, threads)
+        if self._parts is None or self._parts[0] != key:
+            w = self.weight
+            counts = np.bincount(w.indices, minlength=w.shape[1])
+            bounds = part_bounds(counts, n_blocks, threads)
+            seg = np.empty((bounds.size, w.shape[0]), w.indices.dtype)
+            part_pointers(w.indptr, w.indices, bounds, seg)
+            self._parts = (key, bounds, seg)
+        return self._parts[1], self._parts[2]
 
     def fingerprint(self, h: "hashlib._Hash") -> None:
         """Feed the canonical byte form into ``h``: shape, indptr and indices as little-endian

@@ -1,50 +1,33 @@
 """``SparseMLP``: a stack of :class:`SparseLinear` layers with hidden activations and softmax output.
 
 Samples enter as ``x`` of shape ``(B, n_features)``; internally every activation is
-feature-major ``(width, B)`` (see :mod:`hpc_sparse.sparse.kernels`). Buffers for a batch
-size are allocated once and reused across steps; only a change of widths (importance
-pruning) or of batch size allocates again.
+feature-major ``(width, B)`` (see :mod:`hpc_sparse.sparse.kernels_layout`). Buffers for a
+batch size are allocated once and reused across steps, with each layer's cache blocking
+plan (:mod:`hpc_sparse.sparse.blocking`); only a change of widths (importance pruning), of
+batch size or of the blocking settings allocates again.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from hpc_sparse.sparse import activations as act
-from hpc_sparse.sparse import kernels
+from hpc_sparse.sparse import kernels_backward as kb
+from hpc_sparse.sparse import kernels_forward as kf
+from hpc_sparse.sparse.blocking import LayerPlan, last_level_cache_bytes, plan_layer
+from hpc_sparse.sparse.buffers import Buffers
+from hpc_sparse.sparse.kernels_layout import transpose_into
 from hpc_sparse.sparse.linear import SparseLinear
 from hpc_sparse.sparse.loss import softmax_xent
 from hpc_sparse.sparse.optim import SGD
+from hpc_sparse.sparse.profile import PhaseTimer
 
-
-@dataclass
-class _Buffers:
-    """Activation-sized scratch for one batch size: per layer z, a, keep and delta."""
-
-    batch: int
-    widths: tuple[int, ...]
-    x: np.ndarray = field(init=False)
-    z: list[np.ndarray] = field(init=False)
-    a: list[np.ndarray] = field(init=False)
-    keep: list[np.ndarray] = field(init=False)
-    delta: list[np.ndarray] = field(init=False)
-    gbias: list[np.ndarray] = field(init=False)
-    losses: np.ndarray = field(init=False)
-    correct: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        b, w = self.batch, self.widths
-        self.x = np.empty((w[0], b), np.float32)
-        self.z = [np.empty((n, b), np.float32) for n in w[1:]]
-        self.a = [np.empty((n, b), np.float32) for n in w[1:-1]]
-        self.keep = [np.empty((n, b), np.uint8) for n in w[1:-1]]
-        self.delta = [np.empty((n, b), np.float32) for n in w[1:]]
-        self.gbias = [np.empty(n, np.float32) for n in w[1:]]
-        self.losses = np.empty(b, np.float64)
-        self.correct = np.empty(b, np.uint8)
+_NO_SCRATCH = np.empty(0, np.float32)
 
 
 @dataclass
@@ -75,8 +58,11 @@ class SparseMLP:
         self.layers = layers
         self.activations = activations
         self.dropout = float(dropout)
-        self._buffers: dict[int, _Buffers] = {}
+        self._buffers: dict[int, Buffers] = {}
         self._last_train_batch = 0
+        self._blocking = (0, 0, 0)  # batch_chunk, block_columns, cache_bytes (0 = automatic)
+        self.profile: PhaseTimer | None = None
+        """Attach a :class:`PhaseTimer` to record the wall time of every phase of a step."""
         self.check_shapes()
 
     # ----------------------------------------------------------------- structure
@@ -101,88 +87,123 @@ class SparseMLP:
         """Drop cached buffers after widths changed (importance pruning)."""
         self._buffers.clear()
 
-    def _bufs(self, batch: int) -> _Buffers:
+    def configure_blocking(self, batch_chunk: int = 0, block_columns: int = 0, cache_bytes: int = 0) -> None:
+        """Override the automatic cache blocking (:func:`blocking.plan_layer`); 0 keeps a setting
+        automatic. ``cache_bytes`` replaces the last-level cache size read from the machine."""
+        self._blocking = (int(batch_chunk), int(block_columns), int(cache_bytes))
+        self._buffers.clear()
+
+    def blocking_plans(self, batch: int) -> list[LayerPlan]:
+        """Each layer's cache blocking at ``batch`` samples."""
+        chunk, cols, cache = self._blocking
+        cache = cache or last_level_cache_bytes()
+        return [plan_layer(n, batch, cache, chunk, cols) for n in self.widths[1:]]
+
+    def _bufs(self, batch: int) -> Buffers:
         buf = self._buffers.get(batch)
         if buf is None or buf.widths != self.widths:
             # keep at most the training and the evaluation batch sizes alive
             if len(self._buffers) >= 3:
                 self._buffers.clear()
-            buf = self._buffers[batch] = _Buffers(batch, self.widths)
+            buf = self._buffers[batch] = Buffers(batch, self.widths, self.blocking_plans(batch))
         return buf
 
     # ------------------------------------------------------------------- compute
-    def _forward(self, x: np.ndarray, buf: _Buffers, dropout_key: np.uint64 | None) -> np.ndarray:
+    def _forward(self, x: np.ndarray, buf: Buffers, dropout_key: np.uint64 | None) -> np.ndarray:
         """Run the network on x (B, n_in); returns the logits buffer (C, B)."""
+        prof = self.profile
+        t0 = time.perf_counter() if prof is not None else 0.0
         if x.size >= 1 << 18 and x.dtype == np.float32 and x.flags.c_contiguous:
-            kernels.transpose_into(x, buf.x)  # blocked; numpy's strided copy is slow here
+            transpose_into(x, buf.x)  # blocked; numpy's strided copy is slow here
         else:
             np.copyto(buf.x, x.T)
+        if prof is not None:
+            t0 = prof.lap("input", t0)
         a_prev = buf.x
         p = self.dropout if dropout_key is not None else 0.0
         threshold = np.uint64(int(p * 2.0 ** 32))
         scale = np.float32(1.0 / (1.0 - p))
+        threads = numba.get_num_threads()
         last = len(self.layers) - 1
         for l, layer in enumerate(self.layers):
-            if l == last:
-                return layer.forward(a_prev, buf.z[l])
-            f = self.activations[l]
+            plan = buf.plans[l]
+            bounds, seg = layer.part_index(plan.n_blocks, threads)
             w = layer.weight
-            # forward product, bias, activation and dropout fused per output neuron
-            key = (np.uint64((int(dropout_key) + l * 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF)
-                   if p > 0 else np.uint64(0))
-            act.spmm_forward_act(layer.t_indptr, layer.t_rows, layer.t_perm, w.data, a_prev, layer.bias,
-                                 buf.z[l], f.kind, np.float32(f.slope), threshold,
-                                 scale, key, buf.a[l], buf.keep[l])
-            a_prev = buf.a[l]
-        raise AssertionError("unreachable")
+            if l == last:
+                kf.forward_linear(seg, bounds, plan.n_blocks, w.indices, w.data, a_prev, layer.bias, plan.chunk,
+                                  buf.z[l])
+            else:
+                f = self.activations[l]
+                key = (np.uint64((int(dropout_key) + l * 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF)
+                       if p > 0 else np.uint64(0))
+                kf.forward_act(seg, bounds, plan.n_blocks, w.indices, w.data, a_prev, layer.bias, plan.chunk,
+                               buf.z[l], f.kind, np.float32(f.slope), threshold, scale, key, buf.a[l], buf.keep[l])
+                a_prev = buf.a[l]
+            if prof is not None:
+                t0 = prof.lap(f"forward[{l}]", t0)
+        return buf.z[last]
 
-    def _backward(self, buf: _Buffers, use_dropout: bool, sgd: SGD | None,
+    def _backward(self, buf: Buffers, use_dropout: bool, sgd: SGD | None,
                   grads: list[np.ndarray] | None) -> None:
         """Back-propagate ``buf.delta[-1]``. With ``sgd`` the fused SDDMM+momentum update is
         applied to every layer; otherwise the weight gradients go into ``grads``."""
+        prof = self.profile
+        t0 = time.perf_counter() if prof is not None else 0.0
         scale = np.float32(1.0 / (1.0 - self.dropout)) if use_dropout else np.float32(1.0)
+        threads = numba.get_num_threads()
         top = len(self.layers) - 1
+        kb.row_sums(buf.delta[top], buf.gbias[top])
         if sgd is not None:
-            # one CSR pass per layer: gradient into the layer below (with W before its
-            # update), SDDMM + momentum update, and the lower layer's bias gradient
             lr, mu, dec = np.float32(sgd.lr), np.float32(sgd.momentum), np.float32(sgd.weight_decay)
-            kernels.row_sums(buf.delta[top], buf.gbias[top])
-            for l in range(top, -1, -1):
-                layer = self.layers[l]
-                w = layer.weight
-                if l > 0:
-                    f = self.activations[l - 1]
-                    act.spmm_backward_act_sgd(w.indptr, w.indices, w.data, layer.w_velocity, buf.delta[l],
-                                              buf.a[l - 1], buf.z[l - 1], buf.keep[l - 1], f.kind,
-                                              np.float32(f.slope), scale, use_dropout, lr, mu, dec, sgd.nesterov,
-                                              buf.delta[l - 1], buf.gbias[l - 1])
-                else:
-                    kernels.sddmm_sgd_update(w.indptr, w.indices, buf.x, buf.delta[0], w.data, layer.w_velocity,
-                                             lr, mu, dec, sgd.nesterov)
-                kernels.dense_sgd_update(buf.gbias[l], layer.bias, layer.b_velocity, lr, mu, dec, sgd.nesterov)
-            return
-        assert grads is not None
         for l in range(top, -1, -1):
             layer = self.layers[l]
             w = layer.weight
-            delta = buf.delta[l]
+            plan = buf.plans[l]
+            _, seg = layer.part_index(plan.n_blocks, threads)
             a_prev = buf.a[l - 1] if l > 0 else buf.x
-            kernels.row_sums(delta, buf.gbias[l])
-            if l > 0:
-                f = self.activations[l - 1]
-                act.spmm_backward_act(w.indptr, w.indices, w.data, delta, buf.z[l - 1], buf.keep[l - 1],
-                                      f.kind, np.float32(f.slope), scale, use_dropout, buf.delta[l - 1])
-            kernels.sddmm(w.indptr, w.indices, a_prev, delta, grads[l])
+            if sgd is not None:
+                # Nesterov needs the whole gradient before stepping: with a chunked batch it is
+                # collected in a scratch vector (4 bytes per weight, for this call only)
+                scratch = (np.empty(layer.nnz, np.float32) if sgd.nesterov and plan.chunk < buf.batch
+                           else _NO_SCRATCH)
+                if l > 0:
+                    f = self.activations[l - 1]
+                    kb.backward_act_sgd(seg, plan.n_blocks, w.indices, w.data, layer.w_velocity, scratch,
+                                        buf.delta[l], a_prev, buf.z[l - 1], buf.keep[l - 1], f.kind,
+                                        np.float32(f.slope), scale, use_dropout, lr, mu, dec, sgd.nesterov,
+                                        plan.chunk, buf.delta[l - 1], buf.gbias[l - 1])
+                else:
+                    kb.sddmm_sgd(seg, plan.n_blocks, w.indices, w.data, layer.w_velocity, scratch, buf.delta[0],
+                                 a_prev, lr, mu, dec, sgd.nesterov, plan.chunk)
+                if prof is not None:
+                    t0 = prof.lap(f"backward[{l}]", t0)
+                kb.dense_sgd_update(buf.gbias[l], layer.bias, layer.b_velocity, lr, mu, dec, sgd.nesterov)
+                if prof is not None:
+                    t0 = prof.lap("bias_update", t0)
+            else:
+                assert grads is not None
+                if l > 0:
+                    f = self.activations[l - 1]
+                    kb.backward_act_grad(seg, plan.n_blocks, w.indices, w.data, grads[l], buf.delta[l], a_prev,
+                                         buf.z[l - 1], buf.keep[l - 1], f.kind, np.float32(f.slope), scale,
+                                         use_dropout, plan.chunk, buf.delta[l - 1], buf.gbias[l - 1])
+                else:
+                    kb.sddmm_grad(seg, plan.n_blocks, w.indices, w.data, grads[0], buf.delta[0], a_prev, plan.chunk)
+                if prof is not None:
+                    t0 = prof.lap(f"backward[{l}]", t0)
 
     def _forward_loss(self, x: np.ndarray, y: np.ndarray, dropout_key: np.uint64 | None
-                      ) -> tuple[_Buffers, bool]:
+                      ) -> tuple[Buffers, bool]:
         """Forward pass and softmax cross-entropy of a training batch; the buffers then hold
         everything :meth:`_backward` and RigL (:meth:`last_batch`) need."""
         buf = self._bufs(x.shape[0])
         self._last_train_batch = x.shape[0]
         use_dropout = dropout_key is not None and self.dropout > 0
         logits = self._forward(x, buf, dropout_key if use_dropout else None)
+        t0 = time.perf_counter() if self.profile is not None else 0.0
         softmax_xent(logits, y, buf.delta[-1], buf.losses, buf.correct)
+        if self.profile is not None:
+            self.profile.lap("loss", t0)
         return buf, use_dropout
 
     def train_step(self, x: np.ndarray, y: np.ndarray, sgd: SGD, dropout_key: np.uint64 | None) -> StepResult:

@@ -1,0 +1,274 @@
+"""Backward kernels: gradient into the layer below, SDDMM weight gradient and the SGD step, fused.
+
+Row i of ``W (n_in, n_out)`` meets the gathered rows ``delta[j, :]`` of its stored entries
+in two products, so each gathered row is loaded once and used twice:
+
+* ``out[i, :] = (W @ delta)[i, :] * f'(z[i, :]) * mask[i, :] * scale``: the gradient w.r.t. the
+  pre-activation of the layer below (with W *before* its update);
+* ``g_ij = a_prev[i, :] . delta[j, :]``: the weight gradient at the stored positions only,
+  consumed at once by the SGD step (no gradient array) or written out (``gradients()``).
+
+The gathered side (``delta``, ``n_out`` rows) is processed one column block at a time
+(:mod:`hpc_sparse.sparse.blocking`) so its rows stay in cache, and, for very wide layers, one
+batch chunk at a time. With several chunks the SGD step is spread over them: the velocity
+collects ``-lr * g`` chunk by chunk (Nesterov, which needs the whole gradient, collects it in
+a scratch vector instead) and the weight is written after the last chunk. Threads own whole
+rows, so results do not depend on the thread count.
+
+The SGD rule (also for biases, :func:`dense_sgd_update`)::
+
+    v <- (mu * v - lr * decay * w) - lr * g
+    w <- w + v                                   (Nesterov: w + mu * v - (lr * g + lr * decay * w))
+
+Fast-math is limited to reassociation (vectorised dot products) and FMA contraction: with
+``nsz`` as well, numba's freshly compiled code and the code it loads from its cache were
+seen to round differently. Kernels inline helpers from this file only (numba's cache only
+notices edits to the defining file).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_OPTS = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"}, boundscheck=False)
+_U = np.uint64
+
+
+@njit(inline="always", **_OPTS)
+def sgd_step(w, v, g, lr, mu, lrd, nesterov):  # pragma: no cover - numba
+    """(new w, new v) for gradient g; ``lrd = lr * decay`` (coupled L2)."""
+    v = (mu * v - lrd * w) - lr * g
+    if nesterov:
+        return w + (mu * v - (lr * g + lrd * w)), v
+    return w + v, v
+
+
+@njit(**_OPTS)
+def dense_sgd_update(grad, data, velocity, lr, mu, decay, nesterov):  # pragma: no cover - numba
+    """The SGD rule on dense vectors in place (biases; WASAP's server update). All (n,) float32."""
+    lrd = lr * decay
+    for k in range(data.shape[0]):
+        data[k], velocity[k] = sgd_step(data[k], velocity[k], grad[k], lr, mu, lrd, nesterov)
+
+
+@njit(parallel=True, **_OPTS)
+def row_sums(x, out):  # pragma: no cover - numba
+    """out[j] = sum_b x[j, b]; x: (n, B). The output layer's bias gradient."""
+    n, nb = x.shape
+    for j in prange(n):
+        acc = np.float32(0.0)
+        for b in range(nb):
+            acc += x[j, b]
+        out[j] = acc
+
+
+@njit(inline="always", **_OPTS)
+def _deriv(kind, slope, z):  # pragma: no cover - numba
+    if kind == 0:
+        return np.float32(1.0) if z >= 0 else slope
+    if kind == 1:
+        t = np.tanh(z)
+        return np.float32(1.0) - t * t
+    s = np.float32(1.0) / (np.float32(1.0) + np.exp(-z))
+    return s * (np.float32(1.0) - s)
+
+
+@njit(inline="always", **_OPTS)
+def _finish_delta_row(o, zr, kr, kind, slope, scale, use_keep):  # pragma: no cover - numba
+    """o *= f'(zr) [* mask * scale], in place over equal-length slices; returns sum(o)."""
+    s = np.float32(0.0)
+    n = o.shape[0]
+    if kind == 0 and use_keep:
+        for b in range(n):
+            d = np.float32(1.0) if zr[b] >= 0 else slope
+            g = o[b] * d * scale if kr[b] else np.float32(0.0)
+            o[b] = g
+            s += g
+    elif kind == 0:
+        for b in range(n):
+            g = o[b] if zr[b] >= 0 else o[b] * slope
+            o[b] = g
+            s += g
+    else:
+        for b in range(n):
+            g = o[b] * _deriv(kind, slope, zr[b])
+            if use_keep:
+                g = g * scale if kr[b] else np.float32(0.0)
+            o[b] = g
+            s += g
+    return s
+
+
+@njit(inline="always", **_OPTS)
+def _consume(k, w, g, first, last, update, gacc, data, velocity, lr, mu, lrd, nesterov):  # pragma: no cover
+    """Use entry k's gradient part g (this chunk's samples)."""
+    if not update:  # gradients(): gacc is the output
+        gacc[k] = g if first else gacc[k] + g
+    elif first and last:  # the whole batch in one chunk
+        data[k], velocity[k] = sgd_step(w, velocity[k], g, lr, mu, lrd, nesterov)
+    elif nesterov:  # several chunks: collect the whole gradient in the scratch vector first
+        gt = g if first else gacc[k] + g
+        if last:
+            data[k], velocity[k] = sgd_step(w, velocity[k], gt, lr, mu, lrd, nesterov)
+        else:
+            gacc[k] = gt
+    else:  # several chunks, plain momentum: the velocity collects -lr * g
+        v = (mu * velocity[k] - lrd * w) if first else velocity[k]
+        v = v - lr * g
+        velocity[k] = v
+        if last:
+            data[k] = w + v
+
+
+@njit(inline="always", **_OPTS)
+def _row(i, k, hi, indices, data, velocity, gacc, delta, a_prev, out, c0, c1, with_out, first, last, update,
+         lr, mu, lrd, nesterov):  # pragma: no cover - numba
+    """Entries k..hi of row i over samples c0..c1: out[i] += w * delta[j] (if with_out) and each
+    entry's gradient part a_prev[i] . delta[j], consumed by :func:`_consume`. Positions are
+    unsigned (``_U``) so that numba skips its negative-index wrap-around."""
+    n = c1 - c0
+    u0 = _U(c0)
+    k = _U(k)
+    hi = _U(hi)
+    ai = a_prev[i]
+    o = out[i if with_out else 0]
+    while k + _U(4) <= hi:
+        w0 = data[k]
+        w1 = data[k + _U(1)]
+        w2 = data[k + _U(2)]
+        w3 = data[k + _U(3)]
+        d0 = delta[_U(indices[k])]
+        d1 = delta[_U(indices[k + _U(1)])]
+        d2 = delta[_U(indices[k + _U(2)])]
+        d3 = delta[_U(indices[k + _U(3)])]
+        g0 = np.float32(0.0)
+        g1 = np.float32(0.0)
+        g2 = np.float32(0.0)
+        g3 = np.float32(0.0)
+        for t in range(n):
+            b = u0 + _U(t)
+            x0 = d0[b]
+            x1 = d1[b]
+            x2 = d2[b]
+            x3 = d3[b]
+            if with_out:
+                o[b] = (((o[b] + w0 * x0) + w1 * x1) + w2 * x2) + w3 * x3
+            x = ai[b]
+            g0 += x * x0
+            g1 += x * x1
+            g2 += x * x2
+            g3 += x * x3
+        _consume(k, w0, g0, first, last, update, gacc, data, velocity, lr, mu, lrd, nesterov)
+        _consume(k + _U(1), w1, g1, first, last, update, gacc, data, velocity, lr, mu, lrd, nesterov)
+        _consume(k + _U(2), w2, g2, first, last, update, gacc, data, velocity, lr, mu, lrd, nesterov)
+        _consume(k + _U(3), w3, g3, first, last, update, gacc, data, velocity, lr, mu, lrd, nesterov)
+        k += _U(4)
+    while k < hi:
+        w0 = data[k]
+        d0 = delta[_U(indices[k])]
+        g0 = np.float32(0.0)
+        for t in range(n):
+            b = u0 + _U(t)
+            x0 = d0[b]
+            if with_out:
+                o[b] += w0 * x0
+            g0 += ai[b] * x0
+        _consume(k, w0, g0, first, last, update, gacc, data, velocity, lr, mu, lrd, nesterov)
+        k += _U(1)
+
+
+@njit(inline="always", **_OPTS)
+def _block_row(i, q, n_blocks, seg, indices, data, velocity, gacc, delta, a_prev, z, keep, kind, slope, scale,
+               use_keep, out, gbias, c0, c1, first, last, with_out, update, lr, mu, lrd,
+               nesterov):  # pragma: no cover - numba
+    """Row i's entries in column block q; zero ``out`` before the first block, apply the
+    activation derivative and collect the bias gradient after the last."""
+    stride = (seg.shape[0] - 1) // n_blocks
+    if with_out and q == 0:
+        o = out[i, c0:c1]
+        for b in range(c1 - c0):
+            o[b] = 0.0
+    k = seg[q * stride, i]
+    hi = seg[(q + 1) * stride, i]
+    if k < hi:
+        _row(i, k, hi, indices, data, velocity, gacc, delta, a_prev, out, c0, c1, with_out, first, last, update,
+             lr, mu, lrd, nesterov)
+    if with_out and q == n_blocks - 1:
+        s = _finish_delta_row(out[i, c0:c1], z[i, c0:c1], keep[i, c0:c1], kind, slope, scale, use_keep)
+        gbias[i] = s if first else gbias[i] + s
+
+
+@njit(parallel=True, **_OPTS)
+def backward_act_sgd(seg, n_blocks, indices, data, velocity, gacc, delta, a_prev, z, keep, kind, slope, scale,
+                     use_keep, lr, mu, decay, nesterov, chunk, out, gbias):  # pragma: no cover - numba
+    """Backward to the layer below + SDDMM + SGD step of a hidden-input layer.
+
+    seg (n_parts + 1, n_in) with ``n_blocks`` column blocks of equal part counts; delta:
+    (n_out, B) dL/dz of this layer with the 1/batch factor; a_prev, z, keep, out: (n_in, B);
+    out receives dL/dz of the layer below, gbias (n_in,) its bias gradient. gacc (nnz,) is
+    scratch for Nesterov over several chunks (else unused, may be empty).
+    """
+    n_in, nb = a_prev.shape
+    lrd = lr * decay
+    n_chunks = (nb + chunk - 1) // chunk
+    for ci in range(n_chunks):
+        c0 = ci * chunk
+        c1 = min(nb, c0 + chunk)
+        for q in range(n_blocks):
+            for i in prange(n_in):
+                _block_row(i, q, n_blocks, seg, indices, data, velocity, gacc, delta, a_prev, z, keep, kind, slope,
+                           scale, use_keep, out, gbias, c0, c1, ci == 0, ci == n_chunks - 1, True, True, lr, mu,
+                           lrd, nesterov)
+
+
+@njit(parallel=True, **_OPTS)
+def sddmm_sgd(seg, n_blocks, indices, data, velocity, gacc, delta, a_prev, lr, mu, decay, nesterov,
+              chunk):  # pragma: no cover - numba
+    """SDDMM + SGD step of the first layer (no gradient into the input). Shapes as
+    :func:`backward_act_sgd`."""
+    n_in, nb = a_prev.shape
+    lrd = lr * decay
+    n_chunks = (nb + chunk - 1) // chunk
+    for ci in range(n_chunks):
+        c0 = ci * chunk
+        c1 = min(nb, c0 + chunk)
+        for q in range(n_blocks):
+            for i in prange(n_in):
+                _block_row(i, q, n_blocks, seg, indices, data, velocity, gacc, delta, a_prev, a_prev, a_prev, 0,
+                           lr, lr, False, a_prev, gacc, c0, c1, ci == 0, ci == n_chunks - 1, False, True, lr, mu,
+                           lrd, nesterov)
+
+
+@njit(parallel=True, **_OPTS)
+def backward_act_grad(seg, n_blocks, indices, data, grads, delta, a_prev, z, keep, kind, slope, scale, use_keep,
+                      chunk, out, gbias):  # pragma: no cover - numba
+    """As :func:`backward_act_sgd` but writes the weight gradient into grads (nnz,) instead of
+    stepping (``SparseMLP.gradients``)."""
+    n_in, nb = a_prev.shape
+    zero = np.float32(0.0)
+    n_chunks = (nb + chunk - 1) // chunk
+    for ci in range(n_chunks):
+        c0 = ci * chunk
+        c1 = min(nb, c0 + chunk)
+        for q in range(n_blocks):
+            for i in prange(n_in):
+                _block_row(i, q, n_blocks, seg, indices, data, grads, grads, delta, a_prev, z, keep, kind, slope,
+                           scale, use_keep, out, gbias, c0, c1, ci == 0, ci == n_chunks - 1, True, False, zero,
+                           zero, zero, False)
+
+
+@njit(parallel=True, **_OPTS)
+def sddmm_grad(seg, n_blocks, indices, data, grads, delta, a_prev, chunk):  # pragma: no cover - numba
+    """The first layer's weight gradient into grads (nnz,); shapes as :func:`backward_act_sgd`."""
+    n_in, nb = a_prev.shape
+    zero = np.float32(0.0)
+    n_chunks = (nb + chunk - 1) // chunk
+    for ci in range(n_chunks):
+        c0 = ci * chunk
+        c1 = min(nb, c0 + chunk)
+        for q in range(n_blocks):
+            for i in prange(n_in):
+                _block_row(i, q, n_blocks, seg, indices, data, grads, grads, delta, a_prev, a_prev, a_prev, 0,
+                           zero, zero, False, a_prev, grads, c0, c1, ci == 0, ci == n_chunks - 1, False, False,
+                           zero, zero, zero, False)

@@ -1,0 +1,123 @@
+"""Cost per connection as layers widen: one training step of 784-W-W-10 (epsilon 20) per width.
+
+Prints one JSON line per width with ``width``, ``nnz``, ``batch``, ``threads``,
+``ms_per_step`` (median of ``SparseMLP.train_step``), ``ns_per_connection``
+(``ms * threads * 1e6 / (nnz * batch)``: the time one thread spends per stored weight and
+sample), ``cost_growth`` (``ns_per_connection`` over the 1000-wide line of the same run),
+``traffic_bound_ms`` and ``x_traffic_bound`` (``ms_per_step / traffic_bound_ms``), plus the
+blocking the product chose and its phase breakdown.
+
+The traffic bound is the time to move, at the STREAM triad bandwidth measured in this run,
+the bytes that a step must move given the last-level cache size ``C`` read from the machine.
+Per layer (``n_in`` inputs, ``n_out`` outputs, ``nnz`` weights, batch ``B``), processing the
+batch in chunks of ``c`` samples and the outputs in ``J(c) = ceil(n_out * c * 4 / C)`` column
+blocks whose rows fit in the cache::
+
+    bytes(c) = (B / c) * 28 * nnz        # weights: forward reads data+index (8 B), backward reads
+                                         #   index (4 B) and reads+writes data and momentum (16 B),
+                                         #   once per chunk
+             + J(c) * 16 * n_in * B      # input-side rows, once per column block: forward reads
+                                         #   a_in (4 B), backward reads a_prev (4 B), reads+writes out (8 B)
+             + 13 * n_out * B            # output-side rows: z, a written, delta read, dropout mask
+    bound(layer) = min over c in {16, 32, ..., B} of bytes(c)
+
+and when even ``c = 16`` (one cache line per row) needs ``n_out * 64 > C``, every gather misses:
+``bytes = 2 * nnz * (B / 16) * 64`` (one line per weight, chunk and kernel) plus the terms above.
+``traffic_bound_ms = sum over layers of bound(layer) / triad bandwidth``. It ignores compute,
+so small widths, which are compute-bound, sit far above it.
+
+    python tools/bench_width.py                       # W in 1000,10000,30000,95000,300000,1000000
+    python tools/bench_width.py --widths 1000,95000 --threads 2 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench_common as bc  # noqa: E402
+
+MEMORY_LIMIT_FRACTION = 0.6  # of RAM, for the model plus activation buffers
+
+
+def step_bytes_estimate(widths: list[int], nnz: int, batch: int) -> int:
+    """Model arrays (12 B/nnz) plus activation buffers (13 B per neuron and sample)."""
+    return 12 * nnz + 13 * sum(widths) * batch
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--widths", default="1000,10000,30000,95000,300000,1000000")
+    ap.add_argument("--epsilon", type=float, default=20.0)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=0, help="timed steps per width (0: by size, >= 3)")
+    args = ap.parse_args(argv)
+    threads = min(args.threads, bc.max_threads())
+    from hpc_sparse.sparse import SGD, dropout_key
+    from hpc_sparse.sparse.blocking import last_level_cache_bytes
+    from hpc_sparse.sparse.profile import PhaseTimer
+
+    bound = bc.machine_bound(threads)
+    bw = bound["stream_triad_GBps"] * 1e9
+    cache = last_level_cache_bytes()
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ref_ns = None
+    for w in [int(x) for x in args.widths.split(",")]:
+        widths = [784, w, w, 10]
+        batch = args.batch
+        est_nnz = int(args.epsilon * (784 + 2 * w + w)) + 10 * w
+        note = None
+        while step_bytes_estimate(widths, est_nnz, batch) > MEMORY_LIMIT_FRACTION * ram and batch > 16:
+            batch //= 2
+            note = f"batch lowered from {args.batch} to {batch} to fit in {ram / 2**30:.0f} GiB of RAM"
+        bc.set_threads(threads)
+        model = bc.build_mlp(widths, args.epsilon, seed=0)
+        gc.collect()
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((batch, 784), dtype=np.float32)
+        y = rng.integers(0, 10, batch).astype(np.int64)
+        sgd = SGD(0.01, 0.9)
+        counter = [0]
+
+        def step() -> None:
+            counter[0] += 1
+            model.train_step(x, y, sgd, dropout_key(0, counter[0], 0, 0))
+
+        repeats = args.repeats or max(3, min(30, int(2e9 / max(model.nnz * batch, 1))))
+        ms = bc.median_ms(step, repeats, warmup=2)
+        timer = PhaseTimer()
+        model.profile = timer
+        step()
+        model.profile = None
+        phases = {k: round(1e3 * v, 3) for k, v in timer.by_kind().items()}
+        nnz = model.nnz
+        ns = ms * threads * 1e6 / (nnz * batch)
+        ref_ns = ref_ns if ref_ns is not None else (ns if w == 1000 else None)
+        bytes_needed = sum(bc.layer_bound_bytes(l.shape[0], l.shape[1], l.nnz, batch, cache) for l in model.layers)
+        tb_ms = 1e3 * bytes_needed / bw
+        rec = {
+            "bench": "width", "width": w, "widths": widths, "nnz": nnz, "batch": batch, "threads": threads,
+            "ms_per_step": ms, "ns_per_connection": ns,
+            "cost_growth": (ns / ref_ns) if ref_ns else None,
+            "traffic_bound_ms": tb_ms, "x_traffic_bound": ms / tb_ms,
+            "bound_bytes": bytes_needed, "stream_triad_GBps": bound["stream_triad_GBps"], "llc_bytes": cache,
+            "blocking": [p.describe(batch) for p in model.blocking_plans(batch)],
+            "phase_ms_one_step": phases, "repeats": repeats,
+        }
+        if note:
+            rec["note"] = note
+        if ref_ns is None:
+            rec["cost_growth_note"] = "no 1000-wide line in this run"
+        bc.emit(rec)
+        del model
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
