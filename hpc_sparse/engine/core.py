@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from hpc_sparse import __version__
+from hpc_sparse.checkpoint import save_checkpoint
 from hpc_sparse.config import Config
 from hpc_sparse.data import Dataset, block_bounds, load_dataset
 from hpc_sparse.engine import resume as rs
@@ -298,8 +299,6 @@ class Engine:
             state = {}
         else:
             meta["model_sha256"] = self.model.sha256() if self.rank == 0 else None
-        from hpc_sparse.checkpoint import save_checkpoint
-
         path = save_checkpoint(self.comm, self.run_dir, saved.step, state, meta, keep=self.cfg.checkpoint.keep,
                                rank_state=rank_state)
         p.last_save_step = saved.step
