@@ -12,8 +12,8 @@ very wide layers where even 16 samples per row would need too many blocks, to pr
 batch in **chunks** of samples as well. A :class:`LayerPlan` records that choice:
 
 * ``chunk``: samples per pass (a multiple of 16, one cache line of float32, or the batch);
-* ``block_bounds``: column block boundaries (a block's rows x chunk fit in ``cache_bytes/2``),
-  balanced by nnz.
+* ``n_blocks``: how many column blocks (balanced by nnz) so that a block's rows for one chunk
+  fill at most a quarter of the last-level cache (:data:`CACHE_FRACTION`).
 
 The forward scatter result does not depend on the plan at all (each ``z[j, b]`` receives
 its terms in the same order); the backward's per-row sums depend on the column blocks and
@@ -33,9 +33,16 @@ import numpy as np
 LINE_FLOATS = 16
 """float32 values per 64-byte cache line: the smallest useful chunk."""
 
-MAX_BLOCKS_FULL_BATCH = 8
-"""Column blocks tolerated before the batch is chunked too: each block re-streams the dense
-input-side rows once (measured on a 95,000-wide layer: 6-8 blocks of ~6 MB were fastest)."""
+CACHE_FRACTION = 4
+"""A block's rows may fill ``1 / CACHE_FRACTION`` of the last-level cache. Measured on this
+project's 2-core VM, whose 32 MB L3 is shared with other machines: on a 95,000-wide layer,
+blocks of 6-8 MB were fastest, 12 MB blocks 20% slower and 16 MB blocks 35% slower; the streams
+and the other tenants need the rest."""
+
+MAX_BLOCKS_FULL_BATCH = 32
+"""Column blocks tolerated before the batch is chunked too. Each block re-streams the dense
+input-side rows once, but a chunked pass costs more per stored weight (a 64-sample chunk made
+the 95,000-wide step 2x slower than whole-batch blocks), so chunking is the last resort."""
 
 DEFAULT_LLC_BYTES = 32 << 20
 
@@ -101,12 +108,12 @@ def plan_layer(n_out: int, batch: int, cache_bytes: int, chunk: int = 0, block_c
     batch : int
         Samples in the batch.
     cache_bytes : int
-        Last-level cache size; a block's rows may use half of it.
+        Last-level cache size; a block's rows may use ``1 / CACHE_FRACTION`` of it.
     chunk, block_columns : int
         Overrides (0 = automatic): samples per chunk (rounded to a multiple of 16 unless it is
         the batch) and columns per block.
     """
-    budget = max(cache_bytes // 2, 1 << 16)
+    budget = max(cache_bytes // CACHE_FRACTION, 1 << 16)
     if chunk > 0:
         c = min(batch, chunk if chunk >= batch else max(LINE_FLOATS, chunk // LINE_FLOATS * LINE_FLOATS))
     elif n_out * batch * 4 <= MAX_BLOCKS_FULL_BATCH * budget:
