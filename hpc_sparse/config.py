@@ -89,7 +89,7 @@ class TrainConfig:
                              "unless a layer is so wide that its column blocks would be too many; "
                              "rounded down to a multiple of 16)", min=0)
     block_columns: int = _f(0, "cache blocking: output columns per block (0 = automatic: a block's "
-                               "rows fill half the last-level cache)", min=0)
+                               "rows fill a quarter of the last-level cache)", min=0)
 
 
 @dataclass
