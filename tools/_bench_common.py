@@ -109,6 +109,22 @@ def gemm_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n ** 3 / best
 
 
+def triad_step(n: int = 1 << 25) -> tuple[Callable[[], None], float]:
+    """One STREAM triad pass over float64 arrays of ``n`` elements, as a closure, and the bytes
+    it counts (24 per element), for timing side by side with other steps."""
+    a, b, c = np.zeros(n), np.ones(n), np.full(n, 2.0)
+    return (lambda: _triad(a, b, c, 3.0)), 24.0 * n
+
+
+def gemm_step(n: int = 2048) -> tuple[Callable[[], None], float]:
+    """One float32 n x n matmul at the current BLAS thread count, as a closure, and its flops."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    c = np.empty((n, n), np.float32)
+    return (lambda: np.matmul(a, b, out=c)), 2.0 * n ** 3
+
+
 def machine_bound(threads: int) -> dict[str, float]:
     """STREAM-triad bandwidth and GEMM peak at ``threads`` threads, measured now."""
     set_threads(threads)
@@ -159,6 +175,25 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
+
+
+def interleaved_median_ms(steps: dict[str, Callable[[], Any]], repeats: dict[str, int], warmup: int = 2
+                          ) -> dict[str, float]:
+    """Median wall time in ms of each callable, timed in interleaved rounds (round r runs every
+    step whose ``repeats`` exceed r, one call each), so that a change in the machine's load
+    during the measurement hits every contender alike."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    gc.collect()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(max(repeats.values())):
+        for k, fn in steps.items():
+            if r < repeats[k]:
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def machine_info() -> dict[str, Any]:

@@ -14,6 +14,10 @@ float32 GEMM peak (numpy matmul) at the same thread count, and derives the step'
 flops (``6 * nnz * batch``: forward, backward, SDDMM) and bytes, then
 ``bound_ms = max(flops/peak, bytes/bandwidth)`` and ``x_bound = ms_per_step / bound_ms``.
 
+Every contender (hpc_sparse's ``SparseMLP.train_step``, the baselines, one triad pass, one
+GEMM) is timed in interleaved rounds and reported as a median, so that the machine's load
+moving during the run hits all of them alike; the ratios are the figures to trust.
+
 One JSON line per (workload, thread count)::
 
     python tools/bench_step.py --workloads A,B,C,D --threads 1,2 --repeats 20
@@ -79,11 +83,9 @@ def _breakdown(phases: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def time_hpc(model, x, y, repeats: int) -> tuple[float, dict[str, float], dict[str, float]]:
-    """Median ms of ``SparseMLP.train_step``; then the same calls with the product's own phase
-    timer attached, as a breakdown (by kind, and per phase)."""
+def hpc_step(model, x, y):
+    """One ``SparseMLP.train_step`` (fresh dropout masks each call), as a closure."""
     from hpc_sparse.sparse import SGD, dropout_key
-    from hpc_sparse.sparse.profile import PhaseTimer
 
     sgd = SGD(LR, MOMENTUM)
     counter = [0]
@@ -92,7 +94,14 @@ def time_hpc(model, x, y, repeats: int) -> tuple[float, dict[str, float], dict[s
         counter[0] += 1
         model.train_step(x, y, sgd, dropout_key(0, counter[0], 0, 0))
 
-    ms = bc.median_ms(step, repeats, warmup=3)
+    return step
+
+
+def hpc_breakdown(model, step, ms: float, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """The same step with the product's own phase timer attached: a breakdown by kind (this
+    tool's keys) and per phase."""
+    from hpc_sparse.sparse.profile import PhaseTimer
+
     timer = PhaseTimer()
     model.profile = timer
     runs = []
@@ -105,11 +114,12 @@ def time_hpc(model, x, y, repeats: int) -> tuple[float, dict[str, float], dict[s
     per_phase = {k: 1e3 * float(np.median([r.get(k, 0.0) for r in runs])) for k in names}
     br = {k: 1e3 * float(np.median([_breakdown(r)[k] for r in runs])) for k in _breakdown({})}
     br["glue"] = max(0.0, ms - sum(br.values()))
-    return ms, br, per_phase
+    return br, per_phase
 
 
 # ----------------------------------------------------------------- masked dense
-def time_masked_dense(model, x, y, repeats: int, threads: int) -> float:
+def masked_dense_step(model, x, y, threads: int):
+    """One masked-dense PyTorch SGD step on the same sparsity pattern, as a closure."""
     import torch
     import torch.nn.functional as F
 
@@ -145,14 +155,12 @@ def time_masked_dense(model, x, y, repeats: int, threads: int) -> float:
             for lin, m in zip(lins, masks):
                 lin.weight.mul_(m)
 
-    ms = bc.median_ms(step, max(3, repeats // 2), warmup=2)
-    del lins, masks, opt, params
-    gc.collect()
-    return ms
+    return step
 
 
 # ------------------------------------------------------------------------ scipy
-def time_scipy(model, x, y, repeats: int) -> float:
+def scipy_step(model, x, y):
+    """One step written with scipy.sparse products, as a closure."""
     import scipy.sparse as sp
 
     Ws = [l.weight.copy() for l in model.layers]
@@ -209,11 +217,11 @@ def time_scipy(model, x, y, repeats: int) -> float:
             if l > 0:
                 delta = delta_next
 
-    return bc.median_ms(step, max(3, repeats // 2), warmup=2)
+    return step
 
 
 # ------------------------------------------------------------------------ driver
-def run(name: str, threads: int, repeats: int, bounds: dict[int, dict[str, float]], skip_dense: bool) -> dict:
+def run(name: str, threads: int, repeats: int, skip_dense: bool) -> dict:
     spec = WORKLOADS[name]
     widths, batch = spec["widths"], spec["batch"]
     if spec["density"] is not None:
@@ -226,30 +234,36 @@ def run(name: str, threads: int, repeats: int, bounds: dict[int, dict[str, float
     x = rng.standard_normal((batch, widths[0]), dtype=np.float32)
     y = rng.integers(0, widths[-1], batch).astype(np.int64)
 
-    if threads not in bounds:
-        bounds[threads] = bc.machine_bound(threads)
-    bound = bounds[threads]
     bc.set_threads(threads)
     flops, nbytes = step_flops(model, batch), step_min_bytes(model, batch)
-    bound_ms = 1e3 * max(flops / (bound["gemm_peak_GFLOPps"] * 1e9), nbytes / (bound["stream_triad_GBps"] * 1e9))
 
-    ms, breakdown, per_phase = time_hpc(model, x, y, repeats)
     dense_weights = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
     dense_bytes = MASKED_DENSE_BYTES_PER_WEIGHT * dense_weights
-    rec: dict = {"workload": name, "widths": widths, "batch": batch, "threads": threads, "nnz": model.nnz,
-                 "ms_per_step": ms}
+    rec: dict = {"workload": name, "widths": widths, "batch": batch, "threads": threads, "nnz": model.nnz}
     skip_reason = None
+    steps = {"hpc": hpc_step(model, x, y)}
+    slow = max(3, repeats // 2)
+    counts = {"hpc": repeats}
     if skip_dense or spec["all_threads_only"] or dense_bytes > MASKED_DENSE_MAX_BYTES:
         skip_reason = (f"dense weights+mask+grad+momentum need {dense_bytes / 2**30:.1f} GiB "
                        f"({dense_weights:,} weights x {MASKED_DENSE_BYTES_PER_WEIGHT} B); not run")
-        md = None
     else:
         try:
-            md = time_masked_dense(model, x, y, repeats, threads)
+            steps["md"], counts["md"] = masked_dense_step(model, x, y, threads), slow
         except ImportError:
-            md, skip_reason = None, "torch not installed (pip install torch==2.13.0)"
+            skip_reason = "torch not installed (pip install torch==2.13.0)"
+    steps["scipy"], counts["scipy"] = scipy_step(model, x, y), slow
+    # the machine's bound, measured between the steps it bounds
+    steps["triad"], triad_bytes = bc.triad_step()
+    steps["gemm"], gemm_flops = bc.gemm_step()
+    counts["triad"] = counts["gemm"] = repeats
     bc.set_threads(threads)
-    sc = time_scipy(model, x, y, repeats)
+    med = bc.interleaved_median_ms(steps, counts)
+    ms, md, sc = med["hpc"], med.get("md"), med["scipy"]
+    bound = {"stream_triad_GBps": triad_bytes / med["triad"] / 1e6, "gemm_peak_GFLOPps": gemm_flops / med["gemm"] / 1e6}
+    bound_ms = 1e3 * max(flops / (bound["gemm_peak_GFLOPps"] * 1e9), nbytes / (bound["stream_triad_GBps"] * 1e9))
+    breakdown, per_phase = hpc_breakdown(model, steps["hpc"], ms, repeats)
+    rec["ms_per_step"] = ms
     rec.update({
         "masked_dense_ms_per_step": md,
         "scipy_ms_per_step": sc,
@@ -288,13 +302,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     allt = bc.max_threads()
     threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, allt})
-    bounds: dict[int, dict[str, float]] = {}
     for name in args.workloads.split(","):
         name = name.strip().upper()
         for t in threads:
             if WORKLOADS[name]["all_threads_only"] and t != allt:
                 continue
-            rec = run(name, t, args.repeats, bounds, args.skip_dense)
+            rec = run(name, t, args.repeats, args.skip_dense)
             rec["machine"] = bc.machine_info()
             bc.emit(rec)
             gc.collect()
