@@ -1,6 +1,8 @@
 """Cost per connection as layers widen: one training step of 784-W-W-10 (epsilon 20) per width.
 
-Prints one JSON line per width with ``width``, ``nnz``, ``batch``, ``threads``,
+Every width's network is built first and their steps (and a STREAM triad pass) are timed in
+interleaved rounds, so the ratios between widths come from the same stretch of time. Prints
+one JSON line per width with ``width``, ``nnz``, ``batch``, ``threads``,
 ``ms_per_step`` (median of ``SparseMLP.train_step``), ``ns_per_connection``
 (``ms * threads * 1e6 / (nnz * batch)``: the time one thread spends per stored weight and
 sample), ``cost_growth`` (``ns_per_connection`` over the 1000-wide line of the same run),
@@ -63,37 +65,50 @@ def main(argv: list[str] | None = None) -> None:
     from hpc_sparse.sparse.blocking import last_level_cache_bytes
     from hpc_sparse.sparse.profile import PhaseTimer
 
-    bound = bc.machine_bound(threads)
-    bw = bound["stream_triad_GBps"] * 1e9
+    bc.set_threads(threads)
     cache = last_level_cache_bytes()
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    ref_ns = None
+    budget = MEMORY_LIMIT_FRACTION * ram
+    runs = []  # every width's model is built first, so their steps can be timed in interleaved rounds
     for w in [int(x) for x in args.widths.split(",")]:
         widths = [784, w, w, 10]
         batch = args.batch
         est_nnz = int(args.epsilon * (784 + 2 * w + w)) + 10 * w
         note = None
-        while step_bytes_estimate(widths, est_nnz, batch) > MEMORY_LIMIT_FRACTION * ram and batch > 16:
+        while step_bytes_estimate(widths, est_nnz, batch) > budget and batch > 16:
             batch //= 2
             note = f"batch lowered from {args.batch} to {batch} to fit in {ram / 2**30:.0f} GiB of RAM"
-        bc.set_threads(threads)
+        budget -= step_bytes_estimate(widths, est_nnz, batch)
         model = bc.build_mlp(widths, args.epsilon, seed=0)
         gc.collect()
         rng = np.random.default_rng(0)
         x = rng.standard_normal((batch, 784), dtype=np.float32)
         y = rng.integers(0, 10, batch).astype(np.int64)
-        sgd = SGD(0.01, 0.9)
-        counter = [0]
+        runs.append(dict(width=w, widths=widths, batch=batch, note=note, model=model, x=x, y=y))
+
+    def stepper(run: dict):
+        sgd, counter, model = SGD(0.01, 0.9), [0], run["model"]
 
         def step() -> None:
             counter[0] += 1
-            model.train_step(x, y, sgd, dropout_key(0, counter[0], 0, 0))
+            model.train_step(run["x"], run["y"], sgd, dropout_key(0, counter[0], 0, 0))
+        return step
 
-        repeats = args.repeats or max(3, min(30, int(2e9 / max(model.nnz * batch, 1))))
-        ms = bc.median_ms(step, repeats, warmup=2)
+    steps = {str(r["width"]): stepper(r) for r in runs}
+    counts = {str(r["width"]): args.repeats or max(3, min(30, int(2e9 / max(r["model"].nnz * r["batch"], 1))))
+              for r in runs}
+    steps["triad"], triad_bytes = bc.triad_step()
+    counts["triad"] = max(counts.values())
+    bc.set_threads(threads)
+    med = bc.interleaved_median_ms(steps, counts)
+    bw = triad_bytes / med["triad"] * 1e3
+    ref_ns = None
+    for run in runs:
+        model, batch, w = run["model"], run["batch"], run["width"]
+        ms = med[str(w)]
         timer = PhaseTimer()
         model.profile = timer
-        step()
+        steps[str(w)]()
         model.profile = None
         phases = {k: round(1e3 * v, 3) for k, v in timer.by_kind().items()}
         nnz = model.nnz
@@ -102,21 +117,19 @@ def main(argv: list[str] | None = None) -> None:
         bytes_needed = sum(bc.layer_bound_bytes(l.shape[0], l.shape[1], l.nnz, batch, cache) for l in model.layers)
         tb_ms = 1e3 * bytes_needed / bw
         rec = {
-            "bench": "width", "width": w, "widths": widths, "nnz": nnz, "batch": batch, "threads": threads,
+            "bench": "width", "width": w, "widths": run["widths"], "nnz": nnz, "batch": batch, "threads": threads,
             "ms_per_step": ms, "ns_per_connection": ns,
             "cost_growth": (ns / ref_ns) if ref_ns else None,
             "traffic_bound_ms": tb_ms, "x_traffic_bound": ms / tb_ms,
-            "bound_bytes": bytes_needed, "stream_triad_GBps": bound["stream_triad_GBps"], "llc_bytes": cache,
+            "bound_bytes": bytes_needed, "stream_triad_GBps": bw / 1e9, "llc_bytes": cache,
             "blocking": [p.describe(batch) for p in model.blocking_plans(batch)],
-            "phase_ms_one_step": phases, "repeats": repeats,
+            "phase_ms_one_step": phases, "repeats": counts[str(w)],
         }
-        if note:
-            rec["note"] = note
+        if run["note"]:
+            rec["note"] = run["note"]
         if ref_ns is None:
             rec["cost_growth_note"] = "no 1000-wide line in this run"
         bc.emit(rec)
-        del model
-        gc.collect()
 
 
 if __name__ == "__main__":
