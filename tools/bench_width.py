@@ -30,12 +30,14 @@ so small widths, which are compute-bound, sit far above it.
 
     python tools/bench_width.py                       # W in 1000,10000,30000,95000,300000,1000000
     python tools/bench_width.py --widths 1000,95000 --threads 2 --repeats 5
+    python tools/bench_width.py > width.jsonl && python tools/bench_width.py --plot docs/width.png --from width.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 
@@ -59,7 +61,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=0, help="timed steps per width (0: by size, >= 3)")
+    ap.add_argument("--plot", default=None, help="draw ns_per_connection against width into this PNG")
+    ap.add_argument("--from", dest="from_jsonl", default=None,
+                    help="with --plot: draw the lines of this earlier run's output instead of measuring")
     args = ap.parse_args(argv)
+    if args.from_jsonl:
+        if not args.plot:
+            ap.error("--from needs --plot")
+        with open(args.from_jsonl) as f:
+            plot(json_lines(f), args.plot)
+        return
     threads = min(args.threads, bc.max_threads())
     from hpc_sparse.sparse import SGD, dropout_key
     from hpc_sparse.sparse.blocking import last_level_cache_bytes
@@ -103,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     med = bc.interleaved_median_ms(steps, counts)
     bw = triad_bytes / med["triad"] * 1e3
     ref_ns = None
+    records = []
     for run in runs:
         model, batch, w = run["model"], run["batch"], run["width"]
         ms = med[str(w)]
@@ -130,6 +142,48 @@ def main(argv: list[str] | None = None) -> None:
         if ref_ns is None:
             rec["cost_growth_note"] = "no 1000-wide line in this run"
         bc.emit(rec)
+        records.append(rec)
+    if args.plot:
+        plot(records, args.plot)
+
+
+def json_lines(lines) -> list[dict]:  # noqa: ANN001
+    """The ``"bench": "width"`` records among ``lines`` (other lines are skipped)."""
+    out = []
+    for line in lines:
+        line = line.strip()
+        if line.startswith("{"):
+            rec = json.loads(line)
+            if rec.get("bench") == "width":
+                out.append(rec)
+    return out
+
+
+def plot(records: list[dict], path: str) -> None:
+    """ns per connection·sample·thread against width (log x), annotated with the cost growth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = sorted(records, key=lambda r: r["width"])
+    w = [r["width"] for r in records]
+    ns = [r["ns_per_connection"] for r in records]
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    ax.plot(w, ns, marker="o")
+    for r in records:
+        if r.get("cost_growth"):
+            ax.annotate(f"x{r['cost_growth']:.2f}", (r["width"], r["ns_per_connection"]),
+                        textcoords="offset points", xytext=(4, 6), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("hidden width W of 784-W-W-10 (epsilon 20)")
+    ax.set_ylabel("ns per connection, sample and thread")
+    ax.set_title(f"one train_step, batch {records[0]['batch']}, {records[0]['threads']} threads", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
