@@ -85,11 +85,11 @@ class TrainConfig:
     threads: int = _f(0, "compute threads per rank; 0 = cores on the node / ranks on the node "
                          "(HPC_SPARSE_THREADS overrides)", min=0)
     max_steps: int = _f(0, "stop after this many steps in total (0 = no limit); for smoke tests", min=0)
-    batch_chunk: int = _f(0, "cache blocking: samples per kernel pass (0 = automatic: the whole batch "
-                             "unless a layer is so wide that its column blocks would be too many; "
+    batch_chunk: int = _f(0, "cache blocking: samples per kernel pass (0 = the whole batch; fewer is "
                              "rounded down to a multiple of 16)", min=0)
     block_columns: int = _f(0, "cache blocking: output columns per block (0 = automatic: a block's "
-                               "rows fill a quarter of the last-level cache)", min=0)
+                               "rows fill a quarter of the last-level cache, with at least 2 entries "
+                               "per input row and block on average)", min=0)
 
 
 @dataclass

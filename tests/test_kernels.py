@@ -15,7 +15,7 @@ from hpc_sparse.sparse import dropout_key
 from hpc_sparse.sparse import kernels_backward as kb
 from hpc_sparse.sparse import kernels_forward as kf
 from hpc_sparse.sparse.activations import Activation
-from hpc_sparse.sparse.blocking import CACHE_FRACTION, balanced_bounds, part_bounds, plan_layer
+from hpc_sparse.sparse.blocking import CACHE_FRACTION, MIN_ROW_RUN, balanced_bounds, part_bounds, plan_layer
 from hpc_sparse.sparse.kernels_layout import part_pointers, transpose_into
 
 from helpers import dropout_keep_reference
@@ -86,15 +86,18 @@ def test_part_pointers_match_searchsorted(rng):
 
 def test_plan_blocks_wide_layers_and_keeps_small_ones_whole():
     cache = 32 << 20
-    small = plan_layer(1000, 128, cache)
+    small = plan_layer(1000, 1000, 40_000, 128, cache)
     assert (small.chunk, small.n_blocks) == (128, 1)
-    d = plan_layer(95_000, 128, cache)  # 48 MB of rows: column blocks, whole batch
+    d = plan_layer(95_000, 95_000, 3_800_000, 128, cache)  # 48 MB of rows: column blocks, whole batch
     assert d.chunk == 128 and d.n_blocks > 1 and d.block_bytes <= cache // CACHE_FRACTION
-    huge = plan_layer(2_000_000, 64, cache)  # too many blocks at 64 samples: chunk the batch
-    assert huge.chunk % 16 == 0 and huge.chunk < 64 and huge.block_bytes <= cache // CACHE_FRACTION
-    assert plan_layer(95_000, 128, cache, chunk=32).chunk == 32
-    assert plan_layer(95_000, 128, cache, chunk=20).chunk == 16  # whole cache lines
-    assert plan_layer(95_000, 128, cache, block_columns=10_000).n_blocks == 10
+    first = plan_layer(784, 95_000, 1_900_000, 128, cache)  # long rows: blocked by the cache alone
+    assert first.n_blocks == d.n_blocks
+    # 2 M wide at 20 entries per row: cache-sized blocks would hold < MIN_ROW_RUN entries per row
+    sparse_wide = plan_layer(2_000_000, 2_000_000, 40_000_000, 64, cache)
+    assert sparse_wide.chunk == 64 and sparse_wide.n_blocks == 40_000_000 // (2_000_000 * MIN_ROW_RUN)
+    assert plan_layer(95_000, 95_000, 3_800_000, 128, cache, chunk=32).chunk == 32
+    assert plan_layer(95_000, 95_000, 3_800_000, 128, cache, chunk=20).chunk == 16  # whole cache lines
+    assert plan_layer(95_000, 95_000, 3_800_000, 128, cache, block_columns=10_000).n_blocks == 10
 
 
 # ------------------------------------------------------------------------- forward

@@ -1,5 +1,5 @@
 """Activation-sized scratch of a :class:`~hpc_sparse.sparse.mlp.SparseMLP` for one batch size,
-with the cache blocking plan of every layer at that batch size."""
+and the cache blocking plan of every layer for the current step."""
 
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ class Buffers:
     """Per layer l: ``z[l]`` (pre-activation), ``delta[l]`` (dL/dz) of shape (width_{l+1}, B);
     for hidden layers ``a[l]`` (activation) and ``keep[l]`` (dropout mask, uint8); ``x`` the
     feature-major input (width_0, B); ``gbias[l]`` (width_{l+1},) bias gradients; per-sample
-    ``losses`` and ``correct``; ``plans[l]`` the layer's cache blocking at this batch size."""
+    ``losses`` and ``correct``; ``plans[l]`` the layer's cache blocking, set by each forward
+    pass for its step."""
 
     batch: int
     widths: tuple[int, ...]
-    plans: list[LayerPlan]
+    plans: list[LayerPlan] = field(init=False, default_factory=list)
     x: np.ndarray = field(init=False)
     z: list[np.ndarray] = field(init=False)
     a: list[np.ndarray] = field(init=False)

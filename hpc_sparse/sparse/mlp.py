@@ -2,9 +2,10 @@
 
 Samples enter as ``x`` of shape ``(B, n_features)``; internally every activation is
 feature-major ``(width, B)`` (see :mod:`hpc_sparse.sparse.kernels_layout`). Buffers for a
-batch size are allocated once and reused across steps, with each layer's cache blocking
-plan (:mod:`hpc_sparse.sparse.blocking`); only a change of widths (importance pruning), of
-batch size or of the blocking settings allocates again.
+batch size are allocated once and reused across steps; only a change of widths (importance
+pruning), of batch size or of the blocking settings allocates again. Each layer's cache
+blocking plan (:mod:`hpc_sparse.sparse.blocking`) is recomputed at every forward pass from
+the layer's current shape and nnz, so it never depends on when the buffers were made.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class SparseMLP:
         """Each layer's cache blocking at ``batch`` samples."""
         chunk, cols, cache = self._blocking
         cache = cache or last_level_cache_bytes()
-        return [plan_layer(n, batch, cache, chunk, cols) for n in self.widths[1:]]
+        return [plan_layer(l.shape[0], l.shape[1], l.nnz, batch, cache, chunk, cols) for l in self.layers]
 
     def _bufs(self, batch: int) -> Buffers:
         buf = self._buffers.get(batch)
@@ -105,7 +106,7 @@ class SparseMLP:
             # keep at most the training and the evaluation batch sizes alive
             if len(self._buffers) >= 3:
                 self._buffers.clear()
-            buf = self._buffers[batch] = Buffers(batch, self.widths, self.blocking_plans(batch))
+            buf = self._buffers[batch] = Buffers(batch, self.widths)
         return buf
 
     # ------------------------------------------------------------------- compute
@@ -125,6 +126,7 @@ class SparseMLP:
         scale = np.float32(1.0 / (1.0 - p))
         threads = numba.get_num_threads()
         last = len(self.layers) - 1
+        buf.plans = self.blocking_plans(buf.batch)  # the backward pass of this step uses them too
         for l, layer in enumerate(self.layers):
             plan = buf.plans[l]
             bounds, seg = layer.part_index(plan.n_blocks, threads)
