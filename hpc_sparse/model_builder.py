@@ -9,7 +9,7 @@ from hpc_sparse.config import Config
 from hpc_sparse.errors import UserError
 from hpc_sparse.sparse import SparseLinear, SparseMLP, hidden_activations
 from hpc_sparse.topology import NMStructure, erdos_renyi
-from hpc_sparse.topology.structure import check_structure
+from hpc_sparse.topology.structure import check_structure, count_violations, log10_mask_diversity
 
 
 def check_data_shape(cfg: Config, n_features: int, n_classes: int) -> None:
@@ -133,3 +133,21 @@ def describe_blocking(model: SparseMLP, batch: int) -> str:
     if all(p.n_blocks == 1 and p.chunk == batch for p in plans):
         return f"cache blocking: none needed at batch {batch} (every layer's output rows fit in the cache)"
     return "cache blocking: " + "; ".join(f"layer {l}: {p.describe(batch)}" for l, p in enumerate(plans))
+
+
+def describe_structure(cfg: Config, model: SparseMLP) -> list[str]:
+    """``hpc-sparse info`` lines for an N:M run: per constrained layer (all but the output one),
+    the groups that violate the constraint (0 expected; O(nnz) check) and log10 of the mask
+    diversity (Hubara et al. 2021; see :func:`log10_mask_diversity`). Empty if unstructured."""
+    s = layer_structure(cfg)
+    if s is None:
+        return []
+    lines = [f"structure: {s.name} on layers 0..{len(model.layers) - 2} (the output layer is unconstrained)",
+             f"  {'layer':>5} {'violations':>10} {'log10 mask diversity':>22}"]
+    for l, layer in enumerate(model.layers[:-1]):
+        w = layer.weight
+        cols, rows = count_violations(w.indptr, w.indices, w.shape, s)
+        md = log10_mask_diversity(w.shape, s)
+        lines.append(f"  {l:>5} {cols + (rows if s.transposable else 0):>10,} "
+                     f"{'n/a (M too large)' if md is None else f'{md:,.1f}':>22}")
+    return lines
