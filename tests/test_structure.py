@@ -269,3 +269,36 @@ def test_build_model_constrains_every_layer_but_the_output():
         assert_structured(layer.weight, s)
     plain = build_model(load_config(None, BASE))
     assert [l.nnz for l in model.layers] == [l.nnz for l in plain.layers]  # equal nnz per seed
+
+
+@pytest.mark.parametrize("s", [NMStructure(2, 4), NMStructure(1, 5, True)], ids=lambda s: s.name)
+def test_full_group_slots_match_the_dense_reference_on_any_row_range(s):
+    from hpc_sparse.topology.structure import full_group_slots
+
+    shape = (23, 17)
+    w = erdos_renyi(np.random.default_rng(11), *shape, 0.9 * max_epsilon(*shape, s), "he_uniform", s)
+    occ = pattern(w)
+    m = s.m
+    pad = np.zeros((-(-shape[0] // m) * m, -(-shape[1] // m) * m), bool)
+    pad[:shape[0], :shape[1]] = occ
+    col_full = np.repeat(pad.reshape(-1, m, pad.shape[1]).sum(1) >= s.n, m, axis=0)[:shape[0], :shape[1]]
+    row_full = np.repeat(pad.reshape(pad.shape[0], -1, m).sum(2) >= s.n, m, axis=1)[:shape[0], :shape[1]]
+    want = col_full | (row_full if s.transposable else False)
+    for r0, r1 in [(0, 23), (3, 9), (5, 6), (20, 23)]:
+        rows, cols = full_group_slots(w.indptr, w.indices, shape, s, r0, r1)
+        got = np.zeros((r1 - r0, shape[1]), bool)
+        got[rows, cols] = True
+        np.testing.assert_array_equal(got, want[r0:r1])
+
+
+def test_rigl_with_small_scoring_blocks_keeps_the_constraint():
+    s = NMStructure(1, 4, True)
+    model = structured_mlp((30, 40, 4), s, seed=5)
+    rng = np.random.default_rng(3)
+    model.train_step(rng.standard_normal((16, 30)).astype(np.float32), rng.integers(0, 4, 16).astype(np.int32),
+                     SGD(0.01), None)
+    nnz = model.layers[0].nnz
+    evolve_model(model, zeta=0.5, growth="gradient", seed=1, evolution=0, init="he_uniform", block_rows=7,
+                 structure=s)
+    assert model.layers[0].nnz == nnz
+    assert_structured(model.layers[0].weight, s)
