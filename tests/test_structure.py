@@ -302,3 +302,19 @@ def test_rigl_with_small_scoring_blocks_keeps_the_constraint():
                  structure=s)
     assert model.layers[0].nnz == nnz
     assert_structured(model.layers[0].weight, s)
+
+
+def test_random_placement_treats_every_slot_alike():
+    """By symmetry every slot of a layer of full blocks is equally likely to be occupied; a
+    placement biased toward low rows (e.g. accepting proposals in sorted order) fails this."""
+    from hpc_sparse.topology.structured_growth import structured_random_pattern
+
+    s = NMStructure(1, 4, True)
+    shape, nnz, draws = (8, 8), 12, 1500
+    hits = np.zeros(shape)
+    for seed in range(draws):
+        indptr, cols = structured_random_pattern(np.random.default_rng(seed), shape, nnz, s)
+        hits[np.repeat(np.arange(8), np.diff(indptr)), cols] += 1
+    p = nnz / 64
+    sd = np.sqrt(draws * p * (1 - p))
+    assert np.abs(hits - draws * p).max() < 5 * sd
