@@ -17,7 +17,7 @@ from hpc_sparse.topology.evolution import evolve_set, grow, prune_by_mask, remov
 from hpc_sparse.topology.importance import prune_neurons
 from hpc_sparse.topology.init import erdos_renyi, init_values
 from hpc_sparse.topology.structure import NMStructure, full_group_slots
-from hpc_sparse.topology.structured_growth import accept_in_order, block_slots, pattern_coordinates, random_valid_slots
+from hpc_sparse.topology.structured_growth import accept_in_order, group_slots, pattern_coordinates, random_valid_slots
 
 Gather = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, int]]
 
@@ -89,7 +89,7 @@ def _structured_rigl_growth(rng: np.random.Generator, pruned, ranked: np.ndarray
     if missing > 0:
         occ_r, occ_c = np.concatenate([occ_r, rows]), np.concatenate([occ_c, cols])
         more = random_valid_slots(rng, occ_r, occ_c, pruned.shape, structure, missing,
-                                  block_slots(removed[0], removed[1], pruned.shape, structure), strict=False)
+                                  lambda: group_slots(removed[0], removed[1], pruned.shape, structure), strict=False)
         rows, cols = np.concatenate([rows, more[0]]), np.concatenate([cols, more[1]])
     order = np.argsort(rows * n_out + cols, kind="stable")
     return rows[order], cols[order]

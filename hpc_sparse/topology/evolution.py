@@ -22,7 +22,7 @@ from hpc_sparse.sparse.linear import SparseLinear
 from hpc_sparse.topology.init import init_values
 from hpc_sparse.topology.sampling import free_slots_to_positions, merge_rows, sample_distinct
 from hpc_sparse.topology.structure import NMStructure
-from hpc_sparse.topology.structured_growth import block_slots, pattern_coordinates, random_valid_slots
+from hpc_sparse.topology.structured_growth import group_slots, pattern_coordinates, random_valid_slots
 
 
 @dataclass
@@ -117,7 +117,9 @@ def structured_empty_positions(rng: np.random.Generator, pruned: Pruned, count: 
     groups are the fallback candidates. Returns fewer than ``count`` only in the rare case
     :func:`random_valid_slots` describes (then the layer loses that many connections)."""
     occ = pattern_coordinates((pruned.indptr, pruned.indices))
-    fallback = block_slots(removed[0], removed[1], pruned.shape, structure)
+    def fallback() -> tuple[np.ndarray, np.ndarray]:
+        return group_slots(removed[0], removed[1], pruned.shape, structure)
+
     return random_valid_slots(rng, occ[0], occ[1], pruned.shape, structure, count, fallback, strict=False)
 
 
