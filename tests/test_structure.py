@@ -318,3 +318,23 @@ def test_random_placement_treats_every_slot_alike():
     p = nnz / 64
     sd = np.sqrt(draws * p * (1 - p))
     assert np.abs(hits - draws * p).max() < 5 * sd
+
+
+@pytest.mark.parametrize("s", [NMStructure(2, 4), NMStructure(1, 16, True)], ids=lambda s: s.name)
+def test_wide_structured_layer_never_allocates_dense(s):
+    """A 30,000 x 30,000 layer (900 MB as a dense bool mask, 750 bytes per connection) at
+    epsilon 20: build, one SET evolution and the check peak at ~150 bytes per connection
+    (int64 group keys, their argsort and the proposals; unstructured: ~70)."""
+    import tracemalloc
+
+    n = 30_000
+    tracemalloc.start()
+    try:
+        layer = SparseLinear(erdos_renyi(np.random.default_rng(0), n, n, 20, "he_uniform", s))
+        evolve_set(layer, 0.3, np.random.default_rng(1), "he_uniform", s)
+        check_structure(layer.weight, s)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert layer.nnz > 1_000_000
+    assert peak < 250 * layer.nnz, peak / layer.nnz
