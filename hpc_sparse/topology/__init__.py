@@ -13,7 +13,7 @@ import numpy as np
 
 from hpc_sparse.sparse.mlp import SparseMLP
 from hpc_sparse.topology import rigl
-from hpc_sparse.topology.evolution import evolve_set, grow, prune_by_mask, removed_coordinates, set_keep_mask
+from hpc_sparse.topology.evolution import Pruned, evolve_set, grow, prune_by_mask, removed_coordinates, set_keep_mask
 from hpc_sparse.topology.importance import prune_neurons
 from hpc_sparse.topology.init import erdos_renyi, init_values
 from hpc_sparse.topology.structure import NMStructure, full_group_slots
@@ -66,14 +66,14 @@ def evolve_model(model: SparseMLP, *, zeta: float, growth: str, seed: int, evolu
             # twice the candidates: some of them compete for the last room of one group
             lin, val = rigl.candidates(pruned, inputs[l], deltas[l], 2 * pruned.removed, block_rows, full)
             all_lin, all_val, n_ranks = gather(lin, val)
-            rows, cols = _structured_rigl_growth(rng, pruned, rigl.rank_candidates(all_lin, all_val, n_ranks)
-                                                 if all_lin.size else all_lin, structure, removed)  # type: ignore[arg-type]
+            ranked = rigl.rank_candidates(all_lin, all_val, n_ranks)
+            rows, cols = _structured_rigl_growth(rng, pruned, ranked, structure, removed)  # type: ignore[arg-type]
         grow(layer, pruned, rows, cols, np.zeros(rows.size, np.float32))
         replaced.append(pruned.removed)
     return replaced
 
 
-def _structured_rigl_growth(rng: np.random.Generator, pruned, ranked: np.ndarray,  # noqa: ANN001
+def _structured_rigl_growth(rng: np.random.Generator, pruned: Pruned, ranked: np.ndarray,
                             structure: NMStructure, removed: tuple[np.ndarray, np.ndarray]
                             ) -> tuple[np.ndarray, np.ndarray]:
     """RigL growth under N:M: walk the ranked candidates (best mean |gradient| first) and take
