@@ -117,6 +117,7 @@ def structured_empty_positions(rng: np.random.Generator, pruned: Pruned, count: 
     groups are the fallback candidates. Returns fewer than ``count`` only in the rare case
     :func:`random_valid_slots` describes (then the layer loses that many connections)."""
     occ = pattern_coordinates((pruned.indptr, pruned.indices))
+
     def fallback() -> tuple[np.ndarray, np.ndarray]:
         return group_slots(removed[0], removed[1], pruned.shape, structure)
 
