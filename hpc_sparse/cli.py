@@ -164,6 +164,9 @@ def _info(args: argparse.Namespace) -> int:
             print(f"  {l:>5} {n_in:>10,} {n_out:>10,} {layer.nnz:>12,} {layer.nnz / (n_in * n_out):>10.5f}")
         print(f"  widths {list(model.widths)}; hidden neurons {model.hidden_neurons:,}; nnz {model.nnz:,}")
         print(f"  model_sha256 {model.sha256()}")
+        from hpc_sparse.model_builder import describe_structure
+
+        print("\n".join(describe_structure(cfg, model)) or "structure: unstructured")
         print(f"config: {json.dumps(cfg.to_dict(), sort_keys=True)}")
     summary = run_dir / "summary.json"
     if summary.is_file():

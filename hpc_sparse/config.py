@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,17 @@ class TopologyConfig:
                                         "the epochs", min=0.0, max=1.0, exclusive_min=True)
     rigl_block_rows: int = _f(256, "RigL: rows per block when scoring missing connections, which "
                                    "bounds the scratch memory to block_rows*n_out floats", min=1)
+    structure: str = _f("unstructured", "sparsity pattern of every weight matrix except the output one: "
+                                        "unstructured | nm (at most nm_n non-zeros per output neuron in "
+                                        "every block of nm_m consecutive inputs) | nm_transposable (also at "
+                                        "most nm_n per input neuron in every block of nm_m consecutive "
+                                        "outputs: each nm_m x nm_m block has <= nm_n per row and column). "
+                                        "model.epsilon still sets the nnz; N:M is a cap (see README)",
+                        choices=("unstructured", "nm", "nm_transposable"))
+    nm_n: int = _f(2, "N of N:M: non-zeros allowed per block (1 <= nm_n < nm_m); used when structure is "
+                      "nm or nm_transposable", min=1)
+    nm_m: int = _f(4, "M of N:M: block length; a last, shorter block (width not a multiple of nm_m) counts "
+                      "as zero-padded to nm_m, i.e. also holds at most nm_n", min=2)
 
 
 @dataclass
@@ -243,10 +255,34 @@ def validate(cfg: Config) -> Config:
                         f"{cfg.data.n_features}; fix: lower data.n_informative")
     if cfg.data.augment and cfg.data.name != "cifar10":
         raise UserError("data.augment=true works with data.name='cifar10' only; fix: set data.augment=false")
+    _validate_structure(cfg)
     if cfg.data.name == "file" and not cfg.data.path:
         raise UserError("data.name='file' needs data.path (training .npz/.h5 with X and y); "
                         "fix: --set data.path=train.npz data.test_path=test.npz")
     return cfg
+
+
+def _validate_structure(cfg: Config) -> None:
+    """N:M: 1 <= N < M; every constrained layer's Erdős–Rényi density must fit under N/M."""
+    top = cfg.topology
+    if top.structure == "unstructured":
+        return
+    if top.nm_n >= top.nm_m:
+        raise UserError(f"topology.nm_n={top.nm_n} must be smaller than topology.nm_m={top.nm_m} (N:M needs "
+                        "1 <= N < M); fix: e.g. topology.nm_n=2 topology.nm_m=4")
+    if cfg.parallel.mode == "wasap":
+        raise UserError(f"topology.structure='{top.structure}' is not supported with parallel.mode='wasap' (its "
+                        "final merge does not keep N:M); fix: use parallel.mode='sync' or "
+                        "topology.structure='unstructured'")
+    ratio = top.nm_n / top.nm_m
+    layers = cfg.model.layers
+    for l, (a, b) in enumerate(zip(layers[:-2], layers[1:-1])):  # the output layer is not constrained
+        p = min(1.0, cfg.model.epsilon * (a + b) / (a * b))
+        if p > ratio:
+            largest = min(ratio * x * y / (x + y) for x, y in zip(layers[:-2], layers[1:-1]))
+            raise UserError(f"model.epsilon={cfg.model.epsilon} gives layer {l} ({a}x{b}) density {p:.4g}, above "
+                            f"the {top.nm_n}:{top.nm_m} cap {ratio:.4g}; fix: set model.epsilon <= "
+                            f"{math.floor(largest * 1000) / 1000:g} or a larger topology.nm_n/nm_m")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

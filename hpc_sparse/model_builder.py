@@ -8,7 +8,8 @@ import scipy.sparse as sp
 from hpc_sparse.config import Config
 from hpc_sparse.errors import UserError
 from hpc_sparse.sparse import SparseLinear, SparseMLP, hidden_activations
-from hpc_sparse.topology import erdos_renyi
+from hpc_sparse.topology import NMStructure, erdos_renyi
+from hpc_sparse.topology.structure import check_structure, count_violations, log10_mask_diversity
 
 
 def check_data_shape(cfg: Config, n_features: int, n_classes: int) -> None:
@@ -22,13 +23,43 @@ def check_data_shape(cfg: Config, n_features: int, n_classes: int) -> None:
                         f"{n_classes} classes; fix: make the last width {n_classes}")
 
 
+def layer_structure(cfg: Config) -> NMStructure | None:
+    """The N:M constraint of the config (``topology.structure``), or None if unstructured. It
+    applies to every weight matrix except the output one (W^1..W^{L-1}, the evolved ones)."""
+    top = cfg.topology
+    if top.structure == "unstructured":
+        return None
+    return NMStructure(top.nm_n, top.nm_m, transposable=top.structure == "nm_transposable")
+
+
+def check_model_structure(cfg: Config, model: SparseMLP, source: str) -> None:
+    """Refuse a model whose constrained layers violate the config's N:M structure (O(nnz))."""
+    s = layer_structure(cfg)
+    if s is None:
+        return
+    for l, layer in enumerate(model.layers[:-1]):
+        try:
+            check_structure(layer.weight, s, f"layer {l}")
+        except ValueError as exc:
+            raise UserError(f"{source}: {exc}; fix: use the run's own topology.structure/nm_n/nm_m, or convert "
+                            "the model first", every_rank=True) from exc
+
+
 def build_model(cfg: Config) -> SparseMLP:
-    """A fresh Erdős–Rényi network; identical on every rank for the same ``cfg.seed``."""
+    """A fresh Erdős–Rényi network; identical on every rank for the same ``cfg.seed``. With an
+    N:M ``topology.structure`` every layer but the output one is sampled under it (same nnz)."""
     widths = cfg.model.layers
+    structure = layer_structure(cfg)
     layers = []
     for l, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
         rng = np.random.default_rng([cfg.seed, 0x1417, l])
-        layers.append(SparseLinear(erdos_renyi(rng, n_in, n_out, cfg.model.epsilon, cfg.model.init)))
+        s = structure if l < len(widths) - 2 else None
+        try:
+            w = erdos_renyi(rng, n_in, n_out, cfg.model.epsilon, cfg.model.init, s)
+        except ValueError as exc:
+            raise UserError(f"layer {l}: {exc}; fix: lower model.epsilon or use a larger topology.nm_n/nm_m",
+                            every_rank=True) from exc
+        layers.append(SparseLinear(w))
     acts = hidden_activations(cfg.model.activation, cfg.model.alpha, len(widths) - 2)
     return _with_blocking(cfg, SparseMLP(layers, acts, cfg.model.dropout))
 
@@ -58,7 +89,9 @@ def model_from_state(cfg: Config, state: dict[str, object], source: str) -> Spar
         raise UserError(f"checkpoint {source} has layer widths {widths} but the config says model.layers={want}; "
                         "fix: use the run's original model.layers or a new --run-dir", every_rank=True)
     acts = hidden_activations(cfg.model.activation, cfg.model.alpha, n_layers - 1)
-    return _with_blocking(cfg, SparseMLP.from_state_dict(state, acts, cfg.model.dropout))
+    model = SparseMLP.from_state_dict(state, acts, cfg.model.dropout)
+    check_model_structure(cfg, model, f"checkpoint {source}")
+    return _with_blocking(cfg, model)
 
 
 def model_rank_arrays(model: SparseMLP) -> dict[str, np.ndarray]:
@@ -100,3 +133,21 @@ def describe_blocking(model: SparseMLP, batch: int) -> str:
     if all(p.n_blocks == 1 and p.chunk == batch for p in plans):
         return f"cache blocking: none needed at batch {batch} (every layer's output rows fit in the cache)"
     return "cache blocking: " + "; ".join(f"layer {l}: {p.describe(batch)}" for l, p in enumerate(plans))
+
+
+def describe_structure(cfg: Config, model: SparseMLP) -> list[str]:
+    """``hpc-sparse info`` lines for an N:M run: per constrained layer (all but the output one),
+    the groups that violate the constraint (0 expected; O(nnz) check) and log10 of the mask
+    diversity (Hubara et al. 2021; see :func:`log10_mask_diversity`). Empty if unstructured."""
+    s = layer_structure(cfg)
+    if s is None:
+        return []
+    lines = [f"structure: {s.name} on layers 0..{len(model.layers) - 2} (the output layer is unconstrained)",
+             f"  {'layer':>5} {'violations':>10} {'log10 mask diversity':>22}"]
+    for l, layer in enumerate(model.layers[:-1]):
+        w = layer.weight
+        cols, rows = count_violations(w.indptr, w.indices, w.shape, s)
+        md = log10_mask_diversity(w.shape, s)
+        lines.append(f"  {l:>5} {cols + (rows if s.transposable else 0):>10,} "
+                     f"{'n/a (M too large)' if md is None else f'{md:,.1f}':>22}")
+    return lines

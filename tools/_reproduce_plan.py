@@ -104,6 +104,22 @@ def studies(epochs: int) -> dict[str, Study]:
               "sparse networks keep most of the accuracy at a fraction of the connections",
               [Cell("density", f"epsilon {e}", 1, (f"model.epsilon={e}",)) for e in (5, 10, 20, 40)],
               exclusive=False, extra_metric="nnz"),
+        Study("structure", "Unstructured vs N:M vs transposable N:M (same nnz)",
+              "(Hubara et al. 2021) a transposable N:M mask, which also serves W^T in the backward pass, "
+              "trains about as well as a plain N:M mask, while having fewer masks to choose from",
+              [Cell("structure", "unstructured", 1, ("topology.structure=unstructured",)),
+               *[Cell("structure", f"{'transposable ' if t else ''}{n}:{m}", 1,
+                      (f"topology.structure={'nm_transposable' if t else 'nm'}", f"topology.nm_n={n}",
+                       f"topology.nm_m={m}"))
+                 for n, m in ((2, 4), (1, 16)) for t in (False, True)]],
+              exclusive=False, extra_metric="nnz",
+              notes=["Every cell keeps the base model.epsilon (20 in configs/fashion-mnist.toml), which sets "
+                     "the nnz: a structured layer draws the same Binomial nnz as the unstructured layer of "
+                     "the same seed, so all cells have exactly the same nnz per seed; N:M is only a cap. "
+                     "Hidden and input layers are constrained (densities 4.0-4.6%), the output layer is not.",
+                     "2:4 allows up to 50% density, so at 4% it rarely binds (a random mask seldom puts 3 of "
+                     "4 block entries in one column); 1:16 allows 6.25%, so the layers are filled to 64-73% "
+                     "of the cap and the constraint shapes the mask."]),
     ]}
 
 

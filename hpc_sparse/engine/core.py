@@ -32,7 +32,7 @@ from hpc_sparse.engine.failure import end_job_on_error
 from hpc_sparse.engine.progress import Progress
 from hpc_sparse.errors import UserError
 from hpc_sparse.log import RunLog
-from hpc_sparse.model_builder import build_model, check_data_shape, describe_blocking
+from hpc_sparse.model_builder import build_model, check_data_shape, describe_blocking, layer_structure
 from hpc_sparse.parallel import comm as pc
 from hpc_sparse.runtime.host import host_info
 from hpc_sparse.runtime.signals import EXIT_REQUEUE, StopFlag
@@ -219,7 +219,8 @@ class Engine:
         if prune and prune_neurons_after_epoch(epoch, cfg.train.epochs, cfg.importance.enabled,
                                                cfg.importance.start_epoch, cfg.importance.every):
             before = list(model.widths)
-            pruned = prune_neurons(model, cfg.importance.percentile, cfg.importance.min_neurons)
+            pruned = prune_neurons(model, cfg.importance.percentile, cfg.importance.min_neurons,
+                                   layer_structure(cfg))
             self.log.info(f"importance pruning after {who}epoch {epoch + 1}: removed {pruned} neurons; "
                           f"widths {before} -> {list(model.widths)}")
         evolved = evolve_after_epoch(epoch, cfg.train.epochs, cfg.topology.evolve_every)
@@ -234,7 +235,8 @@ class Engine:
                                  cfg.topology.rigl_end_fraction)
             kwargs = {} if gather is None else {"gather": gather}
             evolve_model(model, zeta=zeta, growth=cfg.topology.growth, seed=cfg.seed, evolution=evolution,
-                         init=cfg.model.init, block_rows=cfg.topology.rigl_block_rows, **kwargs)
+                         init=cfg.model.init, block_rows=cfg.topology.rigl_block_rows,
+                         structure=layer_structure(cfg), **kwargs)
         return TopologyUpdate(pruned, evolved, time.perf_counter() - t0)
 
     def evaluate(self, model: SparseMLP, comm: Any | None = None) -> tuple[float, float]:

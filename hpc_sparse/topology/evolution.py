@@ -21,6 +21,8 @@ from numba import njit
 from hpc_sparse.sparse.linear import SparseLinear
 from hpc_sparse.topology.init import init_values
 from hpc_sparse.topology.sampling import free_slots_to_positions, merge_rows, sample_distinct
+from hpc_sparse.topology.structure import NMStructure
+from hpc_sparse.topology.structured_growth import group_slots, pattern_coordinates, random_valid_slots
 
 
 @dataclass
@@ -101,11 +103,41 @@ def random_empty_positions(rng: np.random.Generator, pruned: Pruned, count: int)
     return free_slots_to_positions(pruned.indptr, pruned.indices, n_out, ranks)
 
 
-def evolve_set(layer: SparseLinear, zeta: float, rng: np.random.Generator, init: str) -> int:
+def removed_coordinates(layer: SparseLinear, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) int64 of the entries of ``layer`` that ``keep`` (nnz,) drops."""
+    rows, cols = pattern_coordinates(layer.weight)
+    gone = ~keep
+    return rows[gone], cols[gone]
+
+
+def structured_empty_positions(rng: np.random.Generator, pruned: Pruned, count: int, structure: NMStructure,
+                               removed: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` empty slots of ``pruned`` whose groups have room under ``structure`` (see
+    :func:`random_valid_slots`), row-major sorted. ``removed``: the slots just pruned; their
+    groups are the fallback candidates. Returns fewer than ``count`` only in the rare case
+    :func:`random_valid_slots` describes (then the layer loses that many connections)."""
+    occ = pattern_coordinates((pruned.indptr, pruned.indices))
+
+    def fallback() -> tuple[np.ndarray, np.ndarray]:
+        return group_slots(removed[0], removed[1], pruned.shape, structure)
+
+    return random_valid_slots(rng, occ[0], occ[1], pruned.shape, structure, count, fallback, strict=False)
+
+
+def evolve_set(layer: SparseLinear, zeta: float, rng: np.random.Generator, init: str,
+               structure: NMStructure | None = None) -> int:
     """One SET step on ``layer`` in place: prune at ``zeta``, regrow as many at random empty
-    slots with fresh values from the init distribution. Returns the number replaced."""
-    pruned = prune_by_mask(layer, set_keep_mask(layer.weight.data, zeta))
-    rows, cols = random_empty_positions(rng, pruned, pruned.removed)
+    slots with fresh values from the init distribution. Returns the number replaced.
+
+    With ``structure``, regrowth goes only to empty slots whose N:M groups have room
+    (uniform among them, slot after slot); pruning is unchanged."""
+    keep = set_keep_mask(layer.weight.data, zeta)
+    removed = removed_coordinates(layer, keep) if structure is not None else None
+    pruned = prune_by_mask(layer, keep)
+    if structure is None:
+        rows, cols = random_empty_positions(rng, pruned, pruned.removed)
+    else:
+        rows, cols = structured_empty_positions(rng, pruned, pruned.removed, structure, removed)  # type: ignore[arg-type]
     n_in, n_out = pruned.shape
     grow(layer, pruned, rows, cols, init_values(rng, rows.size, n_in, n_out, init))
     return pruned.removed

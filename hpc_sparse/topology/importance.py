@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from hpc_sparse.sparse.activations import Activation
 from hpc_sparse.sparse.linear import SparseLinear
 from hpc_sparse.sparse.mlp import SparseMLP
+from hpc_sparse.topology.structure import NMStructure, enforce_structure
 
 
 def neuron_importance(layer: SparseLinear) -> np.ndarray:
@@ -102,11 +103,17 @@ def remove_neurons(below: SparseLinear, above: SparseLinear, f: Activation, neur
     above.set_weight(new_out, vel_out)
 
 
-def prune_neurons(model: SparseMLP, percentile: float, min_neurons: int) -> list[int]:
+def prune_neurons(model: SparseMLP, percentile: float, min_neurons: int,
+                  structure: NMStructure | None = None) -> list[int]:
     """Importance-prune every hidden layer of ``model`` in place; returns the removed counts.
 
     Importance is read from each layer before it is changed, so one layer's removal does
     not influence the next layer's selection within the same call.
+
+    With ``structure`` (the N:M constraint of W^1..W^{L-1}): removing neurons shifts the
+    indices behind them, so connections change blocks and a group can end up over-full.
+    Afterwards every constrained layer is repaired by :func:`enforce_structure` (the
+    smallest-magnitude excess of each over-full group is dropped, with its momentum).
     """
     removed = []
     selections = [select_pruned(neuron_importance(model.layers[k]), percentile, min_neurons)
@@ -115,5 +122,10 @@ def prune_neurons(model: SparseMLP, percentile: float, min_neurons: int) -> list
         empty_incoming(model.layers[k], neurons)
         remove_neurons(model.layers[k], model.layers[k + 1], model.activations[k], neurons)
         removed.append(int(neurons.size))
+    if structure is not None:
+        for layer in model.layers[:-1]:
+            w, vel, dropped = enforce_structure(layer.weight, layer.w_velocity, structure)
+            if dropped:
+                layer.set_weight(w, vel)
     model.topology_changed()
     return removed

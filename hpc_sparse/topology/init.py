@@ -9,6 +9,8 @@ import scipy.sparse as sp
 from numba import njit
 
 from hpc_sparse.topology.sampling import sample_distinct
+from hpc_sparse.topology.structure import NMStructure
+from hpc_sparse.topology.structured_growth import structured_random_pattern
 
 
 def er_probability(n_in: int, n_out: int, epsilon: float) -> float:
@@ -58,7 +60,8 @@ def _linear_to_csr(lin, n_out, indptr, cols):  # pragma: no cover - numba
         indptr[i] = lin.shape[0]
 
 
-def erdos_renyi(rng: np.random.Generator, n_in: int, n_out: int, epsilon: float, scheme: str) -> sp.csr_matrix:
+def erdos_renyi(rng: np.random.Generator, n_in: int, n_out: int, epsilon: float, scheme: str,
+                structure: NMStructure | None = None) -> sp.csr_matrix:
     """A random (n_in, n_out) CSR weight: each entry present with :func:`er_probability`.
 
     The nnz is drawn from Binomial(n_in*n_out, p) and the positions as that many distinct
@@ -66,11 +69,26 @@ def erdos_renyi(rng: np.random.Generator, n_in: int, n_out: int, epsilon: float,
     entries, in O(nnz) memory. Values from :func:`init_values`. The CSR arrays are built
     directly in the final index dtype (int32 unless the layer needs int64), with sorted
     indices, so :func:`as_canonical_csr` has nothing to convert.
+
+    With ``structure`` (N:M, see :mod:`hpc_sparse.topology.structure`), epsilon still sets the
+    nnz (the same Binomial draw, so the same nnz as the unstructured layer of that seed), and
+    the positions are a random pattern satisfying the constraint
+    (:func:`structured_random_pattern`); ValueError if the Erdős–Rényi density exceeds N/M.
     """
     total = n_in * n_out
     p = er_probability(n_in, n_out, epsilon)
     nnz = total if p >= 1.0 else int(rng.binomial(total, p))
     idt = np.int64 if max(n_in, n_out, nnz) > np.iinfo(np.int32).max else np.int32
+    if structure is not None:
+        if p > structure.max_density:
+            raise ValueError(f"a {n_in}x{n_out} layer at epsilon {epsilon} has density {p:.4g} > "
+                             f"{structure.name} allows ({structure.max_density:.4g}); lower epsilon to at most "
+                             f"{max_epsilon(n_in, n_out, structure):.4g}")
+        indptr64, cols64 = structured_random_pattern(rng, (n_in, n_out), nnz, structure)
+        values = init_values(rng, nnz, n_in, n_out, scheme)
+        w = sp.csr_matrix((values, cols64.astype(idt), indptr64.astype(idt)), shape=(n_in, n_out), copy=False)
+        w.has_sorted_indices = True
+        return w
     lin = sample_distinct(rng, total, nnz)
     indptr = np.empty(n_in + 1, idt)
     cols = np.empty(nnz, idt)
@@ -82,3 +100,8 @@ def erdos_renyi(rng: np.random.Generator, n_in: int, n_out: int, epsilon: float,
         w.indices, w.indptr = cols, indptr
     w.has_sorted_indices = True
     return w
+
+
+def max_epsilon(n_in: int, n_out: int, structure: NMStructure) -> float:
+    """The largest epsilon whose Erdős–Rényi density of an (n_in, n_out) layer is <= N/M."""
+    return structure.max_density * n_in * n_out / (n_in + n_out)

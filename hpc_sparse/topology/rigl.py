@@ -12,6 +12,7 @@ identically everywhere.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -31,12 +32,17 @@ def drop_fraction(epoch: int, epochs: int, zeta: float, end_fraction: float) -> 
     return 0.5 * zeta * (1.0 + math.cos(math.pi * progress / t_end))
 
 
+Exclude = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+
+
 def candidates(pruned: Pruned, a: np.ndarray, delta: np.ndarray, count: int,
-               block_rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
+               block_rows: int = 256, exclude: Exclude | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``count`` empty slots with the largest |gradient|, from one rank's batch.
 
     Returns (linear indices row*n_out+col (int64), gradient values (float32)), unsorted.
-    Scratch memory is one block of at most ``block_rows`` x n_out floats.
+    Scratch memory is one block of at most ``block_rows`` x n_out floats. ``exclude(r0, r1)``,
+    if given, returns further slots of rows [r0, r1) that may not grow, as (rows - r0, cols)
+    (e.g. those whose N:M group is full).
     """
     n_in, n_out = pruned.shape
     rows_per_block = max(1, min(block_rows, _MAX_BLOCK_ELEMENTS // max(n_out, 1)))
@@ -51,6 +57,9 @@ def candidates(pruned: Pruned, a: np.ndarray, delta: np.ndarray, count: int,
         occ_rows = np.repeat(np.arange(r1 - r0), np.diff(pruned.indptr[r0:r1 + 1]))
         score = np.abs(block)
         score[occ_rows, pruned.indices[lo:hi]] = -1.0  # occupied slots never win
+        if exclude is not None:
+            ex_rows, ex_cols = exclude(r0, r1)
+            score[ex_rows, ex_cols] = -1.0
         flat = score.ravel()
         k = min(count, flat.size)
         top = np.argpartition(flat, flat.size - k)[flat.size - k:]
@@ -80,8 +89,13 @@ def select_growth(lin: np.ndarray, val: np.ndarray, count: int, n_ranks: int = 1
     """
     if lin.size == 0 or count <= 0:
         return np.empty(0, np.int64)
+    return np.sort(rank_candidates(lin, val, n_ranks)[:count])
+
+
+def rank_candidates(lin: np.ndarray, val: np.ndarray, n_ranks: int = 1) -> np.ndarray:
+    """Every distinct slot of the concatenated candidate lists, best first: by decreasing
+    |mean gradient| (as in :func:`select_growth`), ties by the smaller linear index."""
     uniq, inv = np.unique(lin, return_inverse=True)
     total = np.zeros(uniq.size, np.float64)
     np.add.at(total, inv, val.astype(np.float64))
-    chosen, _ = _top(uniq, total / n_ranks, count)
-    return np.sort(chosen)
+    return uniq[np.lexsort((uniq, -np.abs(total / n_ranks)))]

@@ -63,6 +63,28 @@ def test_replicas_identical_after_evolution_and_pruning(comm, run_dir, growth):
     assert t.model.widths[1] < 40  # pruning happened (identically everywhere)
 
 
+@pytest.mark.parametrize("structure,growth", [("nm", "random"), ("nm_transposable", "random"),
+                                              ("nm_transposable", "gradient")])
+def test_replicas_identical_under_nm_structure(comm, run_dir, structure, growth):
+    """N:M training: SET/RigL growth and importance-pruning repair decide the same topology on
+    every rank, and it satisfies the constraint (on W and, transposable, on W^T)."""
+    from hpc_sparse.model_builder import layer_structure
+    from hpc_sparse.topology.structure import count_violations
+
+    t = train(comm, run_dir / f"{structure}-{growth}", [
+        f"topology.structure=\"{structure}\"", f"topology.growth=\"{growth}\"", "topology.nm_n=1",
+        "topology.nm_m=4", "model.epsilon=3", "importance.enabled=true", "importance.start_epoch=0",
+        "importance.every=1", "parallel.sync_every=3"])
+    hashes = gathered(comm, t.model.sha256())
+    assert len(set(hashes)) == 1
+    s = layer_structure(t.cfg)
+    for layer in t.model.layers[:-1]:
+        w = layer.weight
+        cols, rows = count_violations(w.indptr, w.indices, w.shape, s)
+        assert cols == 0 and (rows == 0 or not s.transposable)
+    assert t.model.widths[1] < 40
+
+
 def test_ranks_match_one_process_with_the_union_batch(comm, run_dir):
     """Plain SGD, sync_every=1: P ranks with batch B == one process with batch P*B."""
     over = ["train.momentum=0", "model.dropout=0", "parallel.sync_every=1", "topology.evolve_every=0",
