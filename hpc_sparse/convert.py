@@ -247,9 +247,11 @@ def run_convert(comm: Any, req: ConvertRequest, quiet: bool = False) -> dict[str
 
 def finetune(comm: Any, req: ConvertRequest, cfg2: Config, epochs_done: int, quiet: bool) -> dict[str, Any]:
     """Continue training ``req.out`` for ``req.finetune_epochs`` epochs on the engine (resume
-    from the converted checkpoint), with topology evolution and importance pruning off, so the
-    converted mask stays fixed (SET regrowth here does not know the N:M constraint). Returns
-    the fine-tune's figures; the constraint is checked again on the final model."""
+    from the converted checkpoint; a checkpoint taken mid-epoch first finishes that epoch),
+    with topology evolution and importance pruning off, so the converted mask stays fixed
+    (prune-and-fine-tune; it also keeps this command independent of N:M-aware evolution).
+    ``config.toml`` is rewritten first, so a fine-tune stopped by a signal can be continued
+    with it. Returns the fine-tune's figures; the constraint is checked again at the end."""
     raw = cfg2.to_dict()
     raw["train"]["epochs"] = epochs_done + req.finetune_epochs
     raw["topology"]["evolve_every"] = 0
@@ -257,6 +259,8 @@ def finetune(comm: Any, req: ConvertRequest, cfg2: Config, epochs_done: int, qui
     cfg_ft = config_from_dict(raw)
     from hpc_sparse.schedules import schedule_for  # the schedules import the engine: keep it lazy
 
+    if comm.Get_rank() == 0:
+        write_config_toml(req.out / "config.toml", cfg_ft.to_dict())
     engine = Engine(cfg_ft, comm, req.out, quiet=quiet)
     status = engine.run_schedule(schedule_for("sync"), "auto")
     if status != 0:
@@ -267,8 +271,6 @@ def finetune(comm: Any, req: ConvertRequest, cfg2: Config, epochs_done: int, qui
     violations = [count_violations(layer.weight, req.n, req.m, transposable) for layer in engine.model.layers[:-1]]
     if any(violations):
         raise RuntimeError(f"the fine-tuned model violates {req.n}:{req.m} ({violations}); this is a bug")
-    if comm.Get_rank() == 0:
-        write_config_toml(req.out / "config.toml", cfg_ft.to_dict())
     last = engine.history[-1]
     return {"epochs": req.finetune_epochs, "evolve_every": 0, "importance_enabled": False,
             "test_loss": last["test_loss"], "test_accuracy": last["test_accuracy"], "nnz": engine.model.nnz,

@@ -202,3 +202,13 @@ def test_convert_layers_drops_momentum_with_weights() -> None:
             assert count_violations(layer.weight, 1, 3, True) == 0
         else:
             assert layer.nnz == w0.nnz
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist-fast.toml", "synthetic-quick.toml"])
+def test_config_toml_round_trip(tmp_path: Path, name: str) -> None:
+    from hpc_sparse.config import load_config
+    from hpc_sparse.convert_report import write_config_toml
+
+    cfg = load_config(ROOT / "configs" / name, ["data.path=\"a \\\"quoted\\\" path\""])
+    write_config_toml(tmp_path / "c.toml", cfg.to_dict())
+    assert load_config(tmp_path / "c.toml").to_dict() == cfg.to_dict()
