@@ -1,4 +1,4 @@
-"""``hpc-sparse`` / ``python -m hpc_sparse``: train, evaluate, info, config-help.
+"""``hpc-sparse`` / ``python -m hpc_sparse``: train, evaluate, info, convert, config-help.
 
 Exit status: 0 success; 2 bad input (config, data, checkpoint; one line on stderr naming
 the fix); 75 stopped by a signal after checkpointing (requeue me); 1 anything else.
@@ -44,6 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     inf = sub.add_parser("info", help="layer shapes, nnz, density, neurons, config and checkpoints of a run")
     inf.add_argument("--run-dir", required=True)
 
+    cv = sub.add_parser("convert", help="convert a trained run to N:M or transposable N:M sparsity, as a new run")
+    cv.add_argument("--run-dir", required=True, help="the trained run (only read)")
+    cv.add_argument("--structure", required=True, choices=("nm", "nm_transposable"))
+    cv.add_argument("--nm", required=True, metavar="N:M", help="e.g. 2:4")
+    cv.add_argument("--out", required=True, help="new run dir to create (never overwritten)")
+    cv.add_argument("--method", default="greedy", choices=("greedy", "exact"),
+                    help="nm_transposable: greedy 2-approximation (default) or exact LP; nm is always exact (top-N)")
+    cv.add_argument("--checkpoint", help="a checkpoint name (step-K) or folder instead of the newest valid one")
+    cv.add_argument("--finetune-epochs", type=int, default=0, metavar="E",
+                    help="then train the converted run E more epochs with the mask fixed")
+    cv.add_argument("--quiet", action="store_true", help="no progress output or table")
+
     sub.add_parser("config-help", help="list every config key with its default and meaning")
     return ap
 
@@ -74,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             return status
         if args.command == "evaluate":
             return _evaluate(args, comm)
+        if args.command == "convert":
+            return _convert(args, comm)
         return _info(args)
     except UserError as exc:
         if exc.every_rank:  # raised on every rank at once: nobody waits; rank 0 prints the one line
@@ -139,6 +153,16 @@ def _evaluate(args: argparse.Namespace, comm) -> int:  # noqa: ANN001
         print(json.dumps({"checkpoint": str(path), "step": manifest["step"], "test_loss": loss,
                           "test_accuracy": acc, "n_test": int(data.x_test.shape[0]),
                           "model_sha256": model.sha256()}))
+    return 0
+
+
+def _convert(args: argparse.Namespace, comm) -> int:  # noqa: ANN001
+    from hpc_sparse.convert import ConvertRequest, parse_nm, run_convert
+
+    n, m = parse_nm(args.nm)
+    req = ConvertRequest(Path(args.run_dir), Path(args.out), args.structure, n, m, args.method, args.checkpoint,
+                         args.finetune_epochs)
+    run_convert(comm, req, quiet=args.quiet)
     return 0
 
 
