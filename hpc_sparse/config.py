@@ -279,10 +279,16 @@ def _validate_structure(cfg: Config) -> None:
     for l, (a, b) in enumerate(zip(layers[:-2], layers[1:-1])):  # the output layer is not constrained
         p = min(1.0, cfg.model.epsilon * (a + b) / (a * b))
         if p > ratio:
-            largest = min(ratio * x * y / (x + y) for x, y in zip(layers[:-2], layers[1:-1]))
             raise UserError(f"model.epsilon={cfg.model.epsilon} gives layer {l} ({a}x{b}) density {p:.4g}, above "
                             f"the {top.nm_n}:{top.nm_m} cap {ratio:.4g}; fix: set model.epsilon <= "
-                            f"{math.floor(largest * 1000) / 1000:g} or a larger topology.nm_n/nm_m")
+                            f"{largest_nm_epsilon(layers, top.nm_n, top.nm_m):g} or a larger topology.nm_n/nm_m")
+
+
+def largest_nm_epsilon(layers: list[int], n: int, m: int) -> float:
+    """The largest epsilon (rounded down to 3 decimals) whose Erdős–Rényi density fits under
+    N/M in every constrained layer (all but the output layer) of a network of ``layers`` widths."""
+    largest = min(n / m * x * y / (x + y) for x, y in zip(layers[:-2], layers[1:-1]))
+    return math.floor(largest * 1000) / 1000
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_sparse.checkpoint import find_latest_valid, load_checkpoint, save_checkpoint
-from hpc_sparse.config import Config, TopologyConfig, config_from_dict
+from hpc_sparse.config import Config, config_from_dict, largest_nm_epsilon
 from hpc_sparse.convert_report import format_table, write_config_toml
 from hpc_sparse.engine import Engine, configure_threads, evaluate, load_data
 from hpc_sparse.errors import UserError
@@ -34,9 +34,9 @@ from hpc_sparse.log import RunLog
 from hpc_sparse.model_builder import model_from_state
 from hpc_sparse.runtime.host import host_info
 from hpc_sparse.sparse import SparseMLP
+from hpc_sparse.topology.structure import NMStructure, violations
 from hpc_sparse.topology.nm_convert import (
     apply_keep,
-    count_violations,
     nm_keep,
     retained_l1_fraction,
     transposable_exact_keep,
@@ -128,19 +128,15 @@ def _load_source(req: ConvertRequest) -> tuple[Config, SparseMLP, dict[str, Any]
     return cfg, model_from_state(cfg, state, str(path)), manifest, path
 
 
-def structure_keys_known() -> bool:
-    """True once the config has ``topology.structure/nm_n/nm_m`` (the N:M training side)."""
-    return "structure" in {f.name for f in dataclasses.fields(TopologyConfig)}
-
-
 def converted_config(cfg: Config, req: ConvertRequest) -> Config:
     """The output run's config: the source's, in sync mode (the converted model is a replica),
-    with the structure recorded in ``topology.structure/nm_n/nm_m`` when the config knows those
-    keys; otherwise it is recorded in the manifest's ``meta.conversion`` only."""
+    with the structure recorded in ``topology.structure/nm_n/nm_m``. ``model.epsilon``
+    only sets the initial density, so where it is above what N:M allows it is lowered to the
+    largest allowed value (the converted weights are kept as they are)."""
     raw = cfg.to_dict()
     raw["parallel"]["mode"] = "sync"
-    if structure_keys_known():
-        raw["topology"].update({"structure": req.structure, "nm_n": req.n, "nm_m": req.m})
+    raw["topology"].update({"structure": req.structure, "nm_n": req.n, "nm_m": req.m})
+    raw["model"]["epsilon"] = min(raw["model"]["epsilon"], largest_nm_epsilon(raw["model"]["layers"], req.n, req.m))
     try:
         return config_from_dict(raw)
     except UserError as exc:
@@ -167,7 +163,7 @@ def convert_layers(model: SparseMLP, req: ConvertRequest) -> list[dict[str, Any]
         t0 = time.perf_counter()
         keep = keep_fn(w, req.n, req.m)
         new_w = apply_keep(w, keep)
-        bad = count_violations(new_w, req.n, req.m, transposable)
+        bad = violations(new_w, NMStructure(req.n, req.m, transposable))
         if bad:
             raise RuntimeError(f"layer {l}: the converted weight still has {bad} groups over {req.n}:{req.m}; "
                                "this is a bug")
@@ -213,7 +209,6 @@ def run_convert(comm: Any, req: ConvertRequest, quiet: bool = False) -> dict[str
         "source": {"run_dir": str(req.run_dir.resolve()), "checkpoint": str(src_path.resolve()), "step": step,
                    "model_sha256": src_sha},
         "structure": req.structure, "nm_n": req.n, "nm_m": req.m, "method": method,
-        "structure_in_config": structure_keys_known(),
         "output_layer": "kept unstructured (the training side constrains every layer but the output one)",
         "layers": layers,
         "before": {"test_loss": before_loss, "test_accuracy": before_acc, "nnz": int(sum(r["nnz_before"] for r in layers))},
@@ -268,9 +263,10 @@ def finetune(comm: Any, req: ConvertRequest, cfg2: Config, epochs_done: int, qui
                         f"continue it with hpc-sparse train --config {req.out / 'config.toml'} --run-dir {req.out} "
                         f"--resume auto", every_rank=True)
     transposable = req.structure == "nm_transposable"
-    violations = [count_violations(layer.weight, req.n, req.m, transposable) for layer in engine.model.layers[:-1]]
-    if any(violations):
-        raise RuntimeError(f"the fine-tuned model violates {req.n}:{req.m} ({violations}); this is a bug")
+    s = NMStructure(req.n, req.m, transposable)
+    bad = [violations(layer.weight, s) for layer in engine.model.layers[:-1]]
+    if any(bad):
+        raise RuntimeError(f"the fine-tuned model violates {req.n}:{req.m} ({bad}); this is a bug")
     last = engine.history[-1]
     return {"epochs": req.finetune_epochs, "evolve_every": 0, "importance_enabled": False,
             "test_loss": last["test_loss"], "test_accuracy": last["test_accuracy"], "nnz": engine.model.nnz,

@@ -9,7 +9,7 @@ from hpc_sparse.config import Config
 from hpc_sparse.errors import UserError
 from hpc_sparse.sparse import SparseLinear, SparseMLP, hidden_activations
 from hpc_sparse.topology import NMStructure, erdos_renyi
-from hpc_sparse.topology.structure import check_structure, count_violations, log10_mask_diversity
+from hpc_sparse.topology.structure import check_structure, log10_mask_diversity, violations
 
 
 def check_data_shape(cfg: Config, n_features: int, n_classes: int) -> None:
@@ -146,8 +146,7 @@ def describe_structure(cfg: Config, model: SparseMLP) -> list[str]:
              f"  {'layer':>5} {'violations':>10} {'log10 mask diversity':>22}"]
     for l, layer in enumerate(model.layers[:-1]):
         w = layer.weight
-        cols, rows = count_violations(w.indptr, w.indices, w.shape, s)
         md = log10_mask_diversity(w.shape, s)
-        lines.append(f"  {l:>5} {cols + (rows if s.transposable else 0):>10,} "
+        lines.append(f"  {l:>5} {violations(w, s):>10,} "
                      f"{'n/a (M too large)' if md is None else f'{md:,.1f}':>22}")
     return lines

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from hpc_sparse.checkpoint import load_checkpoint
 from hpc_sparse.convert import ConvertRequest, convert_layers
-from hpc_sparse.topology.nm_convert import count_violations
+from hpc_sparse.topology.structure import NMStructure, violations
 from helpers import find_mpiexec, tiny_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def check_converted(src: Path, out: Path, n: int, m: int, transposable: bool) ->
             assert (w_src != w_out).nnz == 0
             np.testing.assert_array_equal(s_state[f"layers/{l}/W_velocity"], o_state[f"layers/{l}/W_velocity"])
             continue
-        assert count_violations(w_out, n, m, transposable) == 0
+        assert violations(w_out, NMStructure(n, m, transposable)) == 0
         d_src, d_out = w_src.toarray(), w_out.toarray()
         kept = d_out != 0
         np.testing.assert_array_equal(d_out[kept], d_src[kept])
@@ -102,7 +102,7 @@ def test_convert_transposable_then_evaluate_info_resume(trained: Path, tmp_path:
     assert summary["epochs_completed"] == 3 and summary["nnz"] == report["after"]["nnz"]
     final, _, _ = load_checkpoint(newest_checkpoint(out))
     for l in range(len(rows) - 1):
-        assert count_violations(final[f"layers/{l}/W"], 1, 4, True) == 0
+        assert violations(final[f"layers/{l}/W"], NMStructure(1, 4, True)) == 0
     assert tree_state(trained) == before
 
 
@@ -120,7 +120,7 @@ def test_convert_nm_with_finetune_and_named_checkpoint(trained: Path, tmp_path: 
     final, manifest, _ = load_checkpoint(newest_checkpoint(out))
     assert manifest["meta"]["progress"]["epoch"] == 4 and manifest["meta"]["config"]["topology"]["evolve_every"] == 0
     for l in range(2):  # the mask stayed fixed through the fine-tune
-        assert count_violations(final[f"layers/{l}/W"], 1, 4, False) == 0
+        assert violations(final[f"layers/{l}/W"], NMStructure(1, 4, False)) == 0
     assert final["layers/0/W"].nnz == report["layers"][0]["nnz_after"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] == pytest.approx(report["finetune"]["test_accuracy"])
@@ -199,7 +199,7 @@ def test_convert_layers_drops_momentum_with_weights() -> None:
         np.testing.assert_array_equal(v_new[~kept], 0)
         assert rows[l]["nnz_after"] == layer.nnz
         if l < 2:
-            assert count_violations(layer.weight, 1, 3, True) == 0
+            assert violations(layer.weight, NMStructure(1, 3, True)) == 0
         else:
             assert layer.nnz == w0.nnz
 
@@ -212,3 +212,17 @@ def test_config_toml_round_trip(tmp_path: Path, name: str) -> None:
     cfg = load_config(ROOT / "configs" / name, ["data.path=\"a \\\"quoted\\\" path\""])
     write_config_toml(tmp_path / "c.toml", cfg.to_dict())
     assert load_config(tmp_path / "c.toml").to_dict() == cfg.to_dict()
+
+
+def test_converted_config_lowers_an_epsilon_above_the_cap(tmp_path: Path) -> None:
+    """epsilon only sets the initial density: a source trained denser than N:M allows still
+    converts, with model.epsilon lowered to the largest value the structure accepts."""
+    from hpc_sparse.config import largest_nm_epsilon, load_config
+    from hpc_sparse.convert import converted_config
+
+    cfg = load_config(TINY[1], TINY[3::2])  # epsilon 5: layer 64x48 has density 0.18 > 1/8
+    req = ConvertRequest(run_dir=tmp_path / "a", out=tmp_path / "b", structure="nm_transposable", n=1, m=8)
+    out = converted_config(cfg, req)
+    assert out.topology.structure == "nm_transposable" and (out.topology.nm_n, out.topology.nm_m) == (1, 8)
+    assert out.model.epsilon == largest_nm_epsilon(cfg.model.layers, 1, 8) < cfg.model.epsilon
+    assert converted_config(cfg, ConvertRequest(tmp_path / "a", tmp_path / "b", "nm", 2, 4)).model.epsilon == 5

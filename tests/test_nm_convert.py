@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from hpc_sparse.topology.structure import NMStructure, violations
 from hpc_sparse.topology.nm_convert import (
     apply_keep,
-    count_violations,
     nm_keep,
     retained_l1_fraction,
     transposable_exact_keep,
@@ -60,7 +60,7 @@ def test_nm_keep_matches_dense_top_n(shape: tuple[int, int], nm: tuple[int, int]
             idx = [i for i in np.argsort(-np.abs(col), kind="stable") if col[i] != 0][:n]
             want[k + np.array(idx, int), j] = col[idx] if idx else 0
     np.testing.assert_array_equal(got, want)
-    assert count_violations(apply_keep(w, keep), n, m, False) == 0 == dense_violations(got, n, m, False)
+    assert violations(apply_keep(w, keep), NMStructure(n, m, False)) == 0 == dense_violations(got, n, m, False)
 
 
 def greedy_reference(d: np.ndarray, n: int, m: int) -> np.ndarray:
@@ -90,8 +90,8 @@ def test_greedy_matches_reference_and_is_transposable(shape: tuple[int, int], nm
     got = kept_dense(w, keep)
     np.testing.assert_array_equal(got, greedy_reference(w.toarray(), n, m))
     assert dense_violations(got, n, m, True) == 0
-    assert count_violations(apply_keep(w, keep), n, m, True) == 0
-    assert count_violations(apply_keep(w, keep).T.tocsr(), n, m, True) == 0  # W^T too
+    assert violations(apply_keep(w, keep), NMStructure(n, m, True)) == 0
+    assert violations(apply_keep(w, keep).T.tocsr(), NMStructure(n, m, True)) == 0  # W^T too
 
 
 def brute_force_best(block: np.ndarray, n: int) -> float:
@@ -119,7 +119,7 @@ def test_exact_equals_brute_force_on_tiny_blocks(n: int, m: int) -> None:
         keep = transposable_exact_keep(w, n, m)
         got = np.abs(w.data[keep]).astype(np.float64).sum()
         assert got == pytest.approx(brute_force_best(w.toarray(), n), rel=1e-9, abs=1e-12)
-        assert count_violations(apply_keep(w, keep), n, m, True) == 0
+        assert violations(apply_keep(w, keep), NMStructure(n, m, True)) == 0
 
 
 def test_exact_on_a_layer_equals_per_block_brute_force_and_batching_does_not_matter() -> None:
@@ -131,7 +131,7 @@ def test_exact_on_a_layer_equals_per_block_brute_force_and_batching_does_not_mat
     want = sum(brute_force_best(d[k:k + 4, l:l + 4], 2) for k in range(0, 11, 4) for l in range(0, 10, 4))
     for kp in (keep, keep_small_batches):
         assert np.abs(w.data[kp]).astype(np.float64).sum() == pytest.approx(want, rel=1e-9)
-        assert count_violations(apply_keep(w, kp), 2, 4, True) == 0
+        assert violations(apply_keep(w, kp), NMStructure(2, 4, True)) == 0
 
 
 def test_greedy_is_within_half_of_the_optimum(capsys: pytest.CaptureFixture[str]) -> None:
@@ -161,15 +161,6 @@ def test_greedy_can_be_suboptimal_and_exact_finds_the_optimum() -> None:
     w = sp.csr_matrix(np.array([[3.0, 2.0], [2.0, 0.0]], np.float32))
     assert np.abs(w.data[transposable_greedy_keep(w, 1, 2)]).sum() == 3.0
     assert np.abs(w.data[transposable_exact_keep(w, 1, 2)]).sum() == 4.0
-
-
-def test_count_violations_matches_dense_checker() -> None:
-    rng = np.random.default_rng(5)
-    for shape in [(9, 13), (8, 8), (2, 17)]:
-        w = random_csr(rng, *shape, 0.6)
-        for n, m in [(1, 4), (2, 4), (2, 3)]:
-            for tr in (False, True):
-                assert count_violations(w, n, m, tr) == dense_violations(w.toarray(), n, m, tr)
 
 
 def test_apply_keep_retained_fraction_and_edge_cases() -> None:

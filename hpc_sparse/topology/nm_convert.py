@@ -34,7 +34,7 @@ import scipy.sparse as sp
 from numba import njit
 from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 
-__all__ = ["apply_keep", "block_ids", "count_violations", "entry_rows", "nm_keep", "retained_l1_fraction",
+__all__ = ["apply_keep", "block_ids", "entry_rows", "nm_keep", "retained_l1_fraction",
            "transposable_exact_keep", "transposable_greedy_keep"]
 
 # variables per LP of the exact method: blocks are independent, so they are solved in batches,
@@ -203,21 +203,6 @@ def transposable_exact_keep(w: sp.csr_matrix, n: int, m: int,
                        for over, slot in ((row_over, row_slot), (col_over, col_slot)) if over[sel].any()]
         keep[sel] = _solve_batch(mags[sel], constraints, n)
     return keep
-
-
-def count_violations(w: sp.csr_matrix, n: int, m: int, transposable: bool) -> int:
-    """Number of groups holding more than ``n`` entries: (input block, output neuron) groups,
-    plus for the transposable form (input neuron, output block) groups. 0 means ``w`` satisfies
-    the constraint. O(nnz log nnz)."""
-    _check_nm(n, m)
-    if w.nnz == 0:
-        return 0
-    rows = entry_rows(w)
-    cols = w.indices.astype(np.int64)
-    groups = [(rows // m) * w.shape[1] + cols]
-    if transposable:
-        groups.append(rows * (-(-w.shape[1] // m)) + cols // m)
-    return int(sum(np.count_nonzero(np.unique(g, return_counts=True)[1] > n) for g in groups))
 
 
 def apply_keep(w: sp.csr_matrix, keep: np.ndarray) -> sp.csr_matrix:

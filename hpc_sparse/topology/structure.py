@@ -28,7 +28,8 @@ import scipy.sparse as sp
 from numba import njit
 
 __all__ = ["NMStructure", "check_structure", "column_keys", "count_violations", "enforce_structure",
-           "full_group_slots", "log10_mask_diversity", "row_keys", "square_block_masks", "block_masks"]
+           "full_group_slots", "log10_mask_diversity", "row_keys", "square_block_masks", "block_masks",
+           "violations"]
 
 # the exact transposable count's DP has C(c + N, N) states; beyond this it is reported as n/a
 MAX_DP_STATES = 200_000
@@ -114,6 +115,15 @@ def count_violations(indptr: np.ndarray, indices: np.ndarray, shape: tuple[int, 
     cols = _column_group_violations(indptr, indices, np.int64(s.m), np.int64(s.n), scratch)
     rows = _row_group_violations(indptr, indices, np.int64(s.m), np.int64(s.n))
     return int(cols), int(rows)
+
+
+def violations(w: sp.csr_matrix, s: NMStructure) -> int:
+    """Groups of ``w`` (n_in, n_out) that hold more than ``s.n`` entries under ``s`` (row groups
+    count only for the transposable form); 0 means ``w`` satisfies it. O(nnz)."""
+    if not w.has_sorted_indices:
+        w = w.sorted_indices()
+    cols, rows = count_violations(w.indptr, w.indices, w.shape, s)
+    return cols + (rows if s.transposable else 0)
 
 
 def check_structure(w: sp.csr_matrix, s: NMStructure, what: str = "weight") -> None:
