@@ -177,11 +177,19 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
     return 1e3 * statistics.median(times)
 
 
+SETTLE_SECONDS = 0.2
+"""Pause before each timed call in :func:`interleaved_median_ms`. After a parallel call,
+OpenBLAS's and OpenMP's worker threads spin-wait for up to ~0.1 s (2^28 cycles in OpenBLAS);
+a contender timed right after another library's parallel call shares the 2 cores with those
+spinning threads (a 2-thread train_step of workload A measured 8 ms that way, 3.3 ms alone)."""
+
+
 def interleaved_median_ms(steps: dict[str, Callable[[], Any]], repeats: dict[str, int], warmup: int = 2
                           ) -> dict[str, float]:
     """Median wall time in ms of each callable, timed in interleaved rounds (round r runs every
     step whose ``repeats`` exceed r, one call each), so that a change in the machine's load
-    during the measurement hits every contender alike."""
+    during the measurement hits every contender alike. Each timed call follows a pause of
+    :data:`SETTLE_SECONDS` so that no other library's threads still spin."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
@@ -190,6 +198,7 @@ def interleaved_median_ms(steps: dict[str, Callable[[], Any]], repeats: dict[str
     for r in range(max(repeats.values())):
         for k, fn in steps.items():
             if r < repeats[k]:
+                time.sleep(SETTLE_SECONDS)
                 t0 = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t0)
