@@ -148,3 +148,21 @@ def test_rigl_with_importance_pruning_in_both_phases(comm, run_dir):
     got = comm.allgather((tr.model.sha256(), tr.model.widths))
     assert status == 0 and len(set(got)) == 1
     assert tr.model.widths[1] < 40 and tr.history[-1]["test_accuracy"] > 0.5
+
+
+def test_every_seconds_checkpoints_both_phases(comm, run_dir, monkeypatch):
+    """checkpoint.every_seconds (on rank 0's clock) is consulted in both phases: with the
+    clock reporting that the period has passed, checkpoints from the middle of the
+    asynchronous and of the local phase exist besides the final one, and the run finishes
+    normally. The clock is patched, not waited for (this tiny run's phases last milliseconds):
+    a period "passes" whenever a step was taken since the last save."""
+    from hpc_sparse.engine import Engine
+
+    monkeypatch.setattr(Engine, "seconds_since_save",
+                        lambda self: 1e9 if self.progress.step > self.progress.last_save_step else 0.0)
+    status, tr = train(comm, run_dir, config("checkpoint.every_seconds=3600"))
+    statuses = comm.allgather(status)
+    shas = comm.allgather(tr.model.sha256())
+    phases = [m["meta"]["schedule_state"]["phase"] for m in manifests(run_dir)]
+    assert statuses == [0] * comm.size and len(set(shas)) == 1
+    assert "async" in phases and "local" in phases and phases[-1] == "done"
