@@ -3,7 +3,7 @@
 Samples enter as ``x`` of shape ``(B, n_features)``; internally every activation is
 feature-major ``(width, B)`` (see :mod:`hpc_sparse.sparse.kernels_layout`). Buffers for a
 batch size are allocated once and reused across steps; only a change of widths (importance
-pruning), of batch size or of the blocking settings allocates again. Each layer's cache
+pruning) or of batch size allocates again. Each layer's cache
 blocking plan (:mod:`hpc_sparse.sparse.blocking`) is recomputed at every forward pass from
 the layer's current shape and nnz, so it never depends on when the buffers were made.
 """
@@ -92,7 +92,6 @@ class SparseMLP:
         """Override the automatic cache blocking (:func:`blocking.plan_layer`); 0 keeps a setting
         automatic. ``cache_bytes`` replaces the last-level cache size read from the machine."""
         self._blocking = (int(batch_chunk), int(block_columns), int(cache_bytes))
-        self._buffers.clear()
 
     def blocking_plans(self, batch: int) -> list[LayerPlan]:
         """Each layer's cache blocking at ``batch`` samples."""
