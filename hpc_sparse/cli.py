@@ -38,15 +38,16 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress output")
 
     ev = sub.add_parser("evaluate", help="test loss and accuracy of a run's newest valid checkpoint")
-    ev.add_argument("--run-dir", required=True)
+    ev.add_argument("--run-dir", required=True, help="the training run to evaluate")
     ev.add_argument("--checkpoint", help="a specific checkpoint folder instead of the newest valid one")
 
     inf = sub.add_parser("info", help="layer shapes, nnz, density, neurons, config and checkpoints of a run")
-    inf.add_argument("--run-dir", required=True)
+    inf.add_argument("--run-dir", required=True, help="the training run to describe")
 
     cv = sub.add_parser("convert", help="convert a trained run to N:M or transposable N:M sparsity, as a new run")
     cv.add_argument("--run-dir", required=True, help="the trained run (only read)")
-    cv.add_argument("--structure", required=True, choices=("nm", "nm_transposable"))
+    cv.add_argument("--structure", required=True, choices=("nm", "nm_transposable"),
+                    help="nm: N:M per output neuron; nm_transposable: also per input neuron (see topology.structure)")
     cv.add_argument("--nm", required=True, metavar="N:M", help="e.g. 2:4")
     cv.add_argument("--out", required=True, help="new run dir to create (never overwritten)")
     cv.add_argument("--method", default="greedy", choices=("greedy", "exact"),
@@ -56,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="then train the converted run E more epochs with the mask fixed")
     cv.add_argument("--quiet", action="store_true", help="no progress output or table")
 
-    sub.add_parser("config-help", help="list every config key with its default and meaning")
+    ch = sub.add_parser("config-help", help="list every config key with its default and meaning")
+    ch.add_argument("--markdown", action="store_true",
+                    help="print the configuration reference page (docs/configuration-reference.md) instead")
     return ap
 
 
@@ -65,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config-help":
         from hpc_sparse.config import describe
 
+        if args.markdown:
+            from hpc_sparse.reference import config_reference_markdown
+
+            print(config_reference_markdown(), end="")
+            return 0
         for key, default, text in describe():
             print(f"{key:28s} {default:24s} {text}")
         return 0
