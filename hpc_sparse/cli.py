@@ -127,27 +127,10 @@ def _train(args: argparse.Namespace, comm, stop) -> int:  # noqa: ANN001
 
 
 def _load_run(run_dir: Path, checkpoint: str | None):  # noqa: ANN202
-    from hpc_sparse.checkpoint import find_latest_valid, load_checkpoint
-    from hpc_sparse.config import config_from_dict
-    from hpc_sparse.engine import MODEL_PREFIX
-    from hpc_sparse.model_builder import model_from_rank_arrays, model_from_state
+    from hpc_sparse.train import load_run
 
-    if checkpoint:
-        path = Path(checkpoint)
-    else:
-        if not run_dir.is_dir():
-            raise UserError(f"run dir '{run_dir}' does not exist; fix: pass the --run-dir of a training run")
-        path, _ = find_latest_valid(run_dir)
-        if path is None:
-            raise UserError(f"no valid checkpoint in '{run_dir}'; fix: train with checkpoint.at_end=true "
-                            "(the default) or pass --checkpoint")
-    state, manifest, rank_state = load_checkpoint(path, rank=0)
-    cfg = config_from_dict(manifest["meta"]["config"])
-    if not state and rank_state:  # a checkpoint of per-rank models (WASAP-SGD's local phase)
-        print(f"note: {path} holds one model per rank (WASAP-SGD's local phase); this is rank 0's", file=sys.stderr)
-        mine = {k[len(MODEL_PREFIX):]: v for k, v in rank_state.items() if k.startswith(MODEL_PREFIX)}
-        return cfg, model_from_rank_arrays(cfg, mine, str(path)), manifest, path
-    return cfg, model_from_state(cfg, state, str(path)), manifest, path
+    run = load_run(run_dir, checkpoint)
+    return run.cfg, run.model, run.manifest, run.path
 
 
 def _evaluate(args: argparse.Namespace, comm) -> int:  # noqa: ANN001
