@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import find_mpiexec
 from hpc_sparse.cli import _parser, main
 from hpc_sparse.config import describe
 from hpc_sparse.reference import REGENERATE, cli_reference_markdown, config_reference_markdown
@@ -118,17 +119,21 @@ def test_site_builds_strict_and_offline(tmp_path):
     assert not loading_remote, loading_remote
 
 
-def _run_example(name: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / name), *args], capture_output=True,
+def _run_example(name: str, *args: str, launcher: tuple[str, ...] = ()) -> str:
+    proc = subprocess.run([*launcher, sys.executable, *(["-m", "mpi4py"] if launcher else []),
+                           str(ROOT / "docs" / "examples" / name), *args], capture_output=True,
                           text=True, timeout=600, env={**os.environ, "HPC_SPARSE_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
 
-def test_example_train_on_numpy_arrays(tmp_path):
-    out = _run_example("train_numpy.py", str(tmp_path))
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.mpi)])
+def test_example_train_on_numpy_arrays(tmp_path, ranks):
+    launcher = () if ranks == 1 else (find_mpiexec(), "-n", str(ranks))
+    out = _run_example("train_numpy.py", str(tmp_path), launcher=launcher)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epochs_completed"] == 3 and summary["widths"] == [20, 256, 256, 3]
+    assert summary["ranks"] == ranks
     m = re.search(r"status 0; .* test accuracy ([0-9.]+)", out)
     assert m, out
     assert float(m.group(1)) == pytest.approx(summary["test_accuracy"], abs=1e-3)
