@@ -24,12 +24,13 @@ REGENERATE = "python tools/gen_reference_docs.py"
 _TYPE_NAMES = {bool: "true/false", int: "integer", float: "number", str: "string", list[int]: "list of integers"}
 
 
-def _header(title: str, source: str) -> list[str]:
+def _header(title: str, source: str, change: str) -> list[str]:
+    """Title and the note that tells contributors how to regenerate the page."""
     return [f"# {title}", "",
             f"<!-- Generated from {source} by `{REGENERATE}`; do not edit by hand. -->", "",
-            f"!!! note \"Generated page\"",
-            f"    This page is generated from {source}. After adding or changing one, regenerate it with",
-            f"    `{REGENERATE}` and commit the result; `tests/test_docs.py` fails while it is out of date.",
+            '!!! note "Generated page"',
+            f"    This page is generated from {source}; do not edit it by hand. After {change}, run",
+            f"    `{REGENERATE}` and commit the result: `tests/test_docs.py` fails while the page is out of date.",
             ""]
 
 
@@ -63,7 +64,8 @@ def _section_class(section: str) -> type:
 
 def config_reference_markdown() -> str:
     """The configuration reference page: one table per section, one row per key."""
-    out = _header("Configuration reference", "the config dataclasses in `hpc_sparse/config.py`")
+    out = _header("Configuration reference", "the config dataclasses in `hpc_sparse/config.py`",
+                  "adding or changing a config key (its default, bounds or help text)")
     out += ["A run reads one TOML file (`--config`) and `--set section.key=value` overrides; the "
             "precedence is command line > file > defaults. Unknown keys, wrong types and values out of "
             "range stop the run before it starts, with one line naming the key and the fix. "
@@ -129,7 +131,8 @@ def _options_table(parser: argparse.ArgumentParser) -> list[str]:
 def cli_reference_markdown(parser: argparse.ArgumentParser) -> str:
     """The CLI reference page: the program's own options, then every subcommand's."""
     prog = parser.prog
-    out = _header("CLI reference", "the command-line parser in `hpc_sparse/cli.py`")
+    out = _header("CLI reference", "the command-line parser in `hpc_sparse/cli.py`",
+                  "adding or changing a subcommand or an option")
     out += [f"`{prog}` and `python -m hpc_sparse` are the same program; under MPI run it as "
             "`mpiexec -n P python -m mpi4py -m hpc_sparse ...` (see [Running](running.md)). "
             f"`{prog} SUBCOMMAND --help` prints a subcommand's options in a terminal.", "",
