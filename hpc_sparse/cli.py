@@ -38,15 +38,16 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress output")
 
     ev = sub.add_parser("evaluate", help="test loss and accuracy of a run's newest valid checkpoint")
-    ev.add_argument("--run-dir", required=True)
+    ev.add_argument("--run-dir", required=True, help="the training run to evaluate")
     ev.add_argument("--checkpoint", help="a specific checkpoint folder instead of the newest valid one")
 
     inf = sub.add_parser("info", help="layer shapes, nnz, density, neurons, config and checkpoints of a run")
-    inf.add_argument("--run-dir", required=True)
+    inf.add_argument("--run-dir", required=True, help="the training run to describe")
 
     cv = sub.add_parser("convert", help="convert a trained run to N:M or transposable N:M sparsity, as a new run")
     cv.add_argument("--run-dir", required=True, help="the trained run (only read)")
-    cv.add_argument("--structure", required=True, choices=("nm", "nm_transposable"))
+    cv.add_argument("--structure", required=True, choices=("nm", "nm_transposable"),
+                    help="nm: N:M per output neuron; nm_transposable: also per input neuron (see topology.structure)")
     cv.add_argument("--nm", required=True, metavar="N:M", help="e.g. 2:4")
     cv.add_argument("--out", required=True, help="new run dir to create (never overwritten)")
     cv.add_argument("--method", default="greedy", choices=("greedy", "exact"),
@@ -56,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="then train the converted run E more epochs with the mask fixed")
     cv.add_argument("--quiet", action="store_true", help="no progress output or table")
 
-    sub.add_parser("config-help", help="list every config key with its default and meaning")
+    ch = sub.add_parser("config-help", help="list every config key with its default and meaning")
+    ch.add_argument("--markdown", action="store_true",
+                    help="print the configuration reference page (docs/configuration-reference.md) instead")
     return ap
 
 
@@ -65,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config-help":
         from hpc_sparse.config import describe
 
+        if args.markdown:
+            from hpc_sparse.reference import config_reference_markdown
+
+            print(config_reference_markdown(), end="")
+            return 0
         for key, default, text in describe():
             print(f"{key:28s} {default:24s} {text}")
         return 0
@@ -119,27 +127,10 @@ def _train(args: argparse.Namespace, comm, stop) -> int:  # noqa: ANN001
 
 
 def _load_run(run_dir: Path, checkpoint: str | None):  # noqa: ANN202
-    from hpc_sparse.checkpoint import find_latest_valid, load_checkpoint
-    from hpc_sparse.config import config_from_dict
-    from hpc_sparse.engine import MODEL_PREFIX
-    from hpc_sparse.model_builder import model_from_rank_arrays, model_from_state
+    from hpc_sparse.train import load_run
 
-    if checkpoint:
-        path = Path(checkpoint)
-    else:
-        if not run_dir.is_dir():
-            raise UserError(f"run dir '{run_dir}' does not exist; fix: pass the --run-dir of a training run")
-        path, _ = find_latest_valid(run_dir)
-        if path is None:
-            raise UserError(f"no valid checkpoint in '{run_dir}'; fix: train with checkpoint.at_end=true "
-                            "(the default) or pass --checkpoint")
-    state, manifest, rank_state = load_checkpoint(path, rank=0)
-    cfg = config_from_dict(manifest["meta"]["config"])
-    if not state and rank_state:  # a checkpoint of per-rank models (WASAP-SGD's local phase)
-        print(f"note: {path} holds one model per rank (WASAP-SGD's local phase); this is rank 0's", file=sys.stderr)
-        mine = {k[len(MODEL_PREFIX):]: v for k, v in rank_state.items() if k.startswith(MODEL_PREFIX)}
-        return cfg, model_from_rank_arrays(cfg, mine, str(path)), manifest, path
-    return cfg, model_from_state(cfg, state, str(path)), manifest, path
+    run = load_run(run_dir, checkpoint)
+    return run.cfg, run.model, run.manifest, run.path
 
 
 def _evaluate(args: argparse.Namespace, comm) -> int:  # noqa: ANN001

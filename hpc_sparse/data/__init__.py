@@ -61,7 +61,9 @@ class Dataset:
 def load_dataset(name: str, path: str = "", test_path: str = "", preprocess: str = "auto", *,
                  n_train: int = 6000, n_test: int = 0, n_features: int = 500, n_informative: int = 20,
                  n_classes: int = 4, seed: int = 1234, noise: float = 0.5, augment: bool = False) -> Dataset:
-    """Load and preprocess a dataset. Raises UserError with a fix on bad input.
+    """Load and preprocess a dataset; the keyword arguments are those of ``[data]`` in the config.
+    Raises :class:`~hpc_sparse.errors.UserError` naming the fix on bad input (missing files,
+    wrong shapes or labels).
 
     Parameters
     ----------
@@ -77,8 +79,18 @@ def load_dataset(name: str, path: str = "", test_path: str = "", preprocess: str
     n_test : int
         Test samples: synthetic generates this many, higgs takes the file's last n_test rows;
         0 = the dataset's default (synthetic 2000, higgs 500000).
-    n_train, n_features, n_informative, n_classes, seed, noise
-        The synthetic generator's sizes, seed and noise (ignored for the other datasets).
+    n_train : int
+        synthetic: training samples (ignored for the other datasets, as are the five below).
+    n_features : int
+        synthetic: total features (informative + noise).
+    n_informative : int
+        synthetic: informative features.
+    n_classes : int
+        synthetic: classes.
+    seed : int
+        synthetic: seed of the generated data (not the run's seed).
+    noise : float
+        synthetic: std of the Gaussian noise on the informative features.
     augment : bool
         cifar10: random shifts and flips of training batches (:meth:`Dataset.train_batch`).
     """

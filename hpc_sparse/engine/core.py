@@ -81,13 +81,17 @@ def configure_threads(cfg: Config, comm: Any) -> int:
 
 
 def load_data(cfg: Config) -> Dataset:
-    """The dataset ``cfg.data`` describes (data/ takes plain arguments)."""
+    """The dataset ``cfg.data`` describes, loaded and preprocessed as a run sees it
+    (:func:`~hpc_sparse.data.load_dataset`)."""
     return load_dataset(**asdict(cfg.data))
 
 
 def evaluate(model: SparseMLP, data: Dataset, comm: Any, batch_size: int) -> tuple[float, float]:
-    """Test loss and accuracy, each rank on its block of the test set, reduced exactly
-    (sums of loss, hits and counts), so any number of ranks reports the same figures."""
+    """Mean test loss and accuracy (a fraction) of ``model`` on ``data.x_test``.
+
+    Each rank of ``comm`` evaluates its block of the test set, in batches of ``batch_size``
+    samples; the sums of loss, hits and counts are reduced exactly, so any number of ranks
+    reports the same figures. Collective: every rank of ``comm`` must call it."""
     lo, hi = block_bounds(data.x_test.shape[0], comm.Get_size(), comm.Get_rank())
     r = model.evaluate(data.x_test[lo:hi], data.y_test[lo:hi], batch_size)
     tot = pc.allreduce_sum_(comm, np.array([r.loss_sum, r.correct, r.count], np.float64))
