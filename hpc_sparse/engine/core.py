@@ -74,7 +74,8 @@ def configure_threads(cfg: Config, comm: Any) -> int:
     """Set numba's thread count: config, else HPC_SPARSE_THREADS, else cores/ranks on the node."""
     import numba
 
-    n = cfg.train.threads or int(os.environ.get("HPC_SPARSE_THREADS", "0") or 0) or pc.default_threads(comm)
+    on_node = pc.ranks_on_node(comm)  # a collective: on every rank, whatever the environment says
+    n = cfg.train.threads or int(os.environ.get("HPC_SPARSE_THREADS", "0") or 0) or pc.default_threads(on_node)
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
     return n
