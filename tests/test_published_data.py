@@ -392,7 +392,7 @@ def test_higgs_cache_write_error_falls_back_to_loading_without_a_cache(tmp_path)
     assert proc.returncode == 0, proc.stderr
     shape_line, note = proc.stdout.splitlines()
     assert shape_line == "(250, 28) (50, 28) True"  # in this process's memory
-    assert note.startswith("data cache: not used (cannot write the data cache file '") and "File too large" in note
+    assert note.startswith("data cache: not used (cannot write the data cache '") and "File too large" in note
     assert "fix: set data.cache_dir to a writable folder with free space" in note
     assert list((tmp_path / "cache").iterdir()) == []  # the torn entry was removed
 

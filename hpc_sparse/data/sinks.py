@@ -40,7 +40,7 @@ def writing(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise CacheWriteError(f"cannot write the data cache file '{path}' ({exc.strerror or exc})") from exc
+        raise CacheWriteError(f"cannot write the data cache '{path}' ({exc.strerror or exc})") from exc
 
 
 def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
