@@ -30,8 +30,13 @@ def test_ranks_with_different_environments_start_together(tmp_path):
     """Rank 0 has HPC_SPARSE_THREADS, rank 1 has not (a heterogeneous job, ``--export``). The
     node communicator is a collective: both must call it, or rank 1 waits in it forever while
     rank 0 is in the next collective (the run hung until the timeout before the fix)."""
-    train = [sys.executable, "-m", "mpi4py", "-m", "hpc_sparse", "train", *QUICK, "--run-dir", str(tmp_path)]
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    train = [sys.executable, "-m", "mpi4py", "-m", "hpc_sparse", "train", *QUICK, "--set",
+             f"data.cache_dir={cache}", "--run-dir", str(run_dir)]
     proc = subprocess.run([MPIEXEC, "-n", "1", "-env", "HPC_SPARSE_THREADS", "1", *train, ":", "-n", "1", *train],
                           capture_output=True, text=True, timeout=120, env=bare_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "summary.json").read_text())["ranks"] == 2
+    assert json.loads((run_dir / "summary.json").read_text())["ranks"] == 2
+    # the dataset was built once, by rank 0, and both ranks mapped it (the log says where)
+    [entry] = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert f"data cache: {entry} (data.cache_dir), built by rank 0 for all 2 ranks" in proc.stderr
