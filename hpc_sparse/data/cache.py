@@ -36,7 +36,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from hpc_sparse.data.sinks import CacheWriteError, FileSink, MemorySink, writing
+from hpc_sparse.data.sinks import CacheWriteError, FileSink, MemorySink, fsync_path, writing
 from hpc_sparse.errors import UserError
 
 FORMAT = 1
@@ -209,7 +209,10 @@ class Entry:
                 os.fsync(fh.fileno())
             if not self._publish(tmp):
                 return  # another process published a complete entry first: keep it
-            _fsync_folder(self.folder)
+            try:
+                fsync_path(self.folder)
+            except OSError:
+                pass  # the rename is done; the durability of the folder's entry is best effort
             self._remove_replaced()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -246,17 +249,6 @@ class Entry:
                     path.unlink()  # left by a job that died while deciding who builds
             except OSError:
                 pass
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # the rename is done; durability of the folder entry is best effort
 
 
 def _newest_mtime(folder: Path) -> float:

@@ -82,7 +82,8 @@ class NpyRowWriter:
                 fh.close()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by name."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -142,8 +143,8 @@ class FileSink:
             self._forget(name)
         with writing(self.folder):
             for path in self.folder.iterdir():
-                _fsync(path)
-            _fsync(self.folder)
+                fsync_path(path)
+            fsync_path(self.folder)
 
     def _forget(self, name: str) -> None:
         if name in self._writers:
