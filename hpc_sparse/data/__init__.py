@@ -11,7 +11,6 @@ classes): the engine calls ``load_dataset(**dataclasses.asdict(cfg.data), coordi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
