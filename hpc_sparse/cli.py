@@ -138,7 +138,7 @@ def _evaluate(args: argparse.Namespace, comm) -> int:  # noqa: ANN001
 
     cfg, model, manifest, path = _load_run(Path(args.run_dir), args.checkpoint)
     configure_threads(cfg, comm)
-    data = load_data(cfg)
+    data = load_data(cfg, comm)
     loss, acc = evaluate(model, data, comm, cfg.train.eval_batch_size)
     if comm.Get_rank() == 0:
         print(json.dumps({"checkpoint": str(path), "step": manifest["step"], "test_loss": loss,

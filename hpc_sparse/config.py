@@ -54,6 +54,11 @@ class DataConfig:
     augment: bool = _f(False, "cifar10: shift each training image by up to 3 pixels (10%; edge pixels "
                               "repeated) and flip it left-right with probability 1/2, a pure function of "
                               "(seed, epoch, sample), so resume stays exact")
+    cache_dir: str = _f("", "folder of the dataset cache (the preprocessed float32 arrays, memory-mapped "
+                            "read-only so the ranks of a node share one copy): '' = a hpc_sparse-cache "
+                            "folder beside the source if writable (not under /usr), else "
+                            "$XDG_CACHE_HOME/hpc_sparse or ~/.cache/hpc_sparse; 'off' = no cache, every "
+                            "rank holds its own copy")
 
 
 @dataclass

@@ -195,7 +195,7 @@ def run_convert(comm: Any, req: ConvertRequest, quiet: bool = False) -> dict[str
     cfg, model, manifest, src_path = _load_source(req)
     cfg2 = converted_config(cfg, req)
     configure_threads(cfg, comm)
-    data = load_data(cfg)
+    data = load_data(cfg, comm)
     before_loss, before_acc = evaluate(model, data, comm, cfg.train.eval_batch_size)
     src_sha = model.sha256()
     log.info(f"converting {src_path} ({req.structure} {req.n}:{req.m}, method {req.method}); "

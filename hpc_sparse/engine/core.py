@@ -34,6 +34,7 @@ from hpc_sparse.errors import UserError
 from hpc_sparse.log import RunLog
 from hpc_sparse.model_builder import build_model, check_data_shape, describe_blocking, layer_structure
 from hpc_sparse.parallel import comm as pc
+from hpc_sparse.parallel import node_build
 from hpc_sparse.runtime.host import host_info
 from hpc_sparse.runtime.signals import EXIT_REQUEUE, StopFlag
 from hpc_sparse.runtime.slurm import describe as describe_slurm
@@ -74,16 +75,20 @@ def configure_threads(cfg: Config, comm: Any) -> int:
     """Set numba's thread count: config, else HPC_SPARSE_THREADS, else cores/ranks on the node."""
     import numba
 
-    n = cfg.train.threads or int(os.environ.get("HPC_SPARSE_THREADS", "0") or 0) or pc.default_threads(comm)
+    on_node = pc.ranks_on_node(comm)  # a collective: on every rank, whatever the environment says
+    n = cfg.train.threads or int(os.environ.get("HPC_SPARSE_THREADS", "0") or 0) or pc.default_threads(on_node)
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
     return n
 
 
-def load_data(cfg: Config) -> Dataset:
+def load_data(cfg: Config, comm: Any = None) -> Dataset:
     """The dataset ``cfg.data`` describes, loaded and preprocessed as a run sees it
-    (:func:`~hpc_sparse.data.load_dataset`)."""
-    return load_dataset(**asdict(cfg.data))
+    (:func:`~hpc_sparse.data.load_dataset`). Collective over
+    ``comm`` (None: this process alone): a missing cache entry is built once per node (or
+    once, on a folder every rank sees) while the other ranks wait, then every rank maps it."""
+    coordinate = None if comm is None else node_build.coordinator(comm)
+    return load_dataset(**asdict(cfg.data), coordinate=coordinate)
 
 
 def evaluate(model: SparseMLP, data: Dataset, comm: Any, batch_size: int) -> tuple[float, float]:
@@ -162,7 +167,7 @@ class Engine:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.comm.Barrier()
         threads = configure_threads(cfg, self.comm)
-        self.data = load_data(cfg)
+        self.data = load_data(cfg, self.comm)
         self.n_train = int(self.data.x_train.shape[0])
         check_data_shape(cfg, self.data.n_features, self.data.n_classes)
         d = self.data
@@ -173,6 +178,8 @@ class Engine:
             self.log.info(describe_slurm(slurm))
         self.log.info(f"data: {d.name} from {d.source}: {d.x_train.shape[0]} train, {d.x_test.shape[0]} test, "
                       f"{d.n_features} features, {d.n_classes} classes")
+        for note in d.notes:
+            self.log.info(note)
         if resume:
             self.resumed = rs.load_resumed(self.comm, cfg, self.run_dir, resume, self.log, schedule.name)
         if self.resumed is not None:
