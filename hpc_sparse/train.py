@@ -20,7 +20,8 @@ __all__ = ["Trainer", "configure_threads", "evaluate"]
 class Trainer(Engine):
     """An :class:`~hpc_sparse.engine.Engine` whose :meth:`run` uses the configured mode."""
 
-    def run(self, resume: str | None = None) -> int:
+    def run(self, resume: str | None = None, *, fresh_if_none_valid: bool = False, break_lock: bool = False) -> int:
         """Train to the end (0) or until a stop signal (checkpoint, ``EXIT_REQUEUE``).
-        ``resume``: "auto" or a checkpoint path."""
-        return self.run_schedule(schedule_for(self.cfg.parallel.mode), resume)
+        ``resume``: "auto" or a checkpoint path; the options: see :meth:`Engine.run_schedule`."""
+        return self.run_schedule(schedule_for(self.cfg.parallel.mode), resume,
+                                 fresh_if_none_valid=fresh_if_none_valid, break_lock=break_lock)
