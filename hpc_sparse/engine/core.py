@@ -153,6 +153,9 @@ class Engine:
             status = schedule.run(self)
             if status == 0:
                 self.finish()
+            # rank 0 applies retention after a save has released the other ranks; wait for it,
+            # so that the run dir is final on every rank when this returns
+            self.comm.Barrier()
             return status
         except BaseException as exc:
             if self.lock is not None and must_abort(exc, self.size):
