@@ -20,6 +20,8 @@ from typing import Any
 
 from hpc_sparse.errors import UserError
 
+SUMMARY_MAX_BYTES = 1 << 20
+
 
 def load_run(comm: Any, run_dir: Path, checkpoint: str | None) -> tuple[Any, Any, dict[str, Any], Path]:
     """``(config, model, manifest, path)`` of ``checkpoint`` or of the run's newest valid
@@ -106,9 +108,14 @@ def info(comm: Any, run_dir: Path) -> int:
             _print_model(cfg, model, path)
     summary = run_dir / "summary.json"
     if rank0 and summary.is_file():
-        s = json.loads(summary.read_text())
-        print(f"summary: test_accuracy {s.get('test_accuracy')} after {s.get('epochs_completed')} epochs; "
-              f"model_sha256 {s.get('model_sha256')}")
+        try:
+            if summary.stat().st_size > SUMMARY_MAX_BYTES:
+                raise ValueError(f"more than {SUMMARY_MAX_BYTES} bytes")
+            s = json.loads(summary.read_text())
+            print(f"summary: test_accuracy {s.get('test_accuracy')} after {s.get('epochs_completed')} epochs; "
+                  f"model_sha256 {s.get('model_sha256')}")
+        except (OSError, ValueError, AttributeError, RecursionError) as exc:
+            print(f"summary: {summary} is unreadable ({type(exc).__name__}: {exc})")
     return 0
 
 

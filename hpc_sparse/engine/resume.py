@@ -152,18 +152,27 @@ def finish_resume(comm: Any, run_dir: Path, resumed: Resumed, progress: Progress
 
 def _model(cfg: Config, rank: int, state: dict[str, Any], rank_state: dict[str, Any] | None,
            source: str) -> SparseMLP:
-    """The replica model of ``state``, or (a checkpoint of per-rank models) this rank's own."""
+    """The replica model of ``state``, or (a checkpoint of per-rank models) this rank's own.
+
+    A replica is the same on every rank, so its errors are raised by every rank together; a
+    per-rank model's only by its rank (``every_rank=False``: the engine then ends the job)."""
     if state:
-        return model_from_state(cfg, state, source)
+        try:
+            return model_from_state(cfg, state, source)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:  # verified arrays that do not form a model
+            raise UserError(f"checkpoint {source} does not hold a complete model ({type(exc).__name__}: {exc}); "
+                            "fix: resume an older checkpoint", every_rank=True) from exc
     mine = {k[len(MODEL_PREFIX):]: v for k, v in (rank_state or {}).items() if k.startswith(MODEL_PREFIX)}
     if not mine:
-        raise UserError(f"checkpoint {source} holds no model for rank {rank} (it was written by another "
-                        "number of ranks?); fix: resume it with the number of ranks that wrote it", every_rank=True)
+        raise UserError(f"checkpoint {source} holds no model for rank {rank}; fix: resume an older checkpoint")
     return model_from_rank_arrays(cfg, mine, source)
 
 
 def _check_config(cfg: Config, saved: dict[str, Any], source: str, log: RunLog) -> None:
-    old = config_from_dict(saved).to_dict()
+    try:
+        old = config_from_dict(saved).to_dict()
+    except UserError as exc:  # the same on every rank
+        raise UserError(f"checkpoint {source} holds a config this version refuses ({exc})", every_rank=True) from exc
     new = cfg.to_dict()
     if old["seed"] != new["seed"]:
         raise UserError(f"checkpoint {source} was trained with seed={old['seed']} but the config says "
