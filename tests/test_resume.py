@@ -246,3 +246,8 @@ def test_a_wasap_local_phase_checkpoint_on_more_ranks_is_refused_by_every_rank(t
     except subprocess.TimeoutExpired:
         pytest.fail("used from Python, ranks were left waiting for the one that refused")
     assert py.returncode == 0 and py.stdout.count("refused on rank") == 3, py.stdout + py.stderr[-2000:]
+    # evaluate reads it on any number of ranks, every rank loading rank 0's model (agreed loader)
+    ev = subprocess.run(launch(3, "-m", "mpi4py", "-m", "hpc_sparse", "evaluate", "--run-dir", str(run_dir)),
+                        capture_output=True, text=True, timeout=120, cwd=ROOT, env=ENV)
+    rank0 = json.loads((local[0] / "manifest.json").read_text())["meta"]["rank_model_sha256"][0]
+    assert ev.returncode == 0 and json.loads(ev.stdout)["model_sha256"] == rank0, ev.stderr[-2000:]

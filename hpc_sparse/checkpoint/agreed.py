@@ -56,7 +56,8 @@ def _verdict(exc: BaseException) -> tuple[str, str]:
         return "environment", error_text(fmt.environment_error(exc, getattr(exc, "filename", None) or "?"))
     # Anything else is not a verdict on the checkpoint either (a bug, an unexpected library
     # error): stop rather than set aside a checkpoint that may be fine.
-    return "environment", f"unexpected {type(exc).__name__} while loading a checkpoint: {error_text(exc)}"
+    return "environment", (f"unexpected {type(exc).__name__} while loading a checkpoint ({error_text(exc)}); "
+                           "the checkpoint is left as it is; fix: report this error with the checkpoint")
 
 
 def _agree(comm: Any, path: Path, verdict: tuple[str, str] | None) -> None:

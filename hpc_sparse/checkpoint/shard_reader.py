@@ -129,7 +129,9 @@ def read_rank_state(f: h5py.File, spec: Mapping[str, Mapping[str, Any]] | None, 
     a schema 1 shard (``spec`` None), every dataset reachable by hard links under
     ``rank_state/``, each checked against its own metadata. None if there is none."""
     if "rank_state" not in f:
-        return None if not spec else _missing(spec)
+        if spec:
+            raise ValueError(f"rank_state {sorted(spec)[0]!r} is missing")
+        return None
     root = _child(f, "rank_state", "rank_state")
     if spec is not None:
         return {key: _read(resolve(root, key, f"rank_state {key!r}"), tuple(s["shape"]),
@@ -150,6 +152,3 @@ def read_rank_state(f: h5py.File, spec: Mapping[str, Mapping[str, Any]] | None, 
                 raise ValueError(f"{where} is not a numeric dataset")
     return out
 
-
-def _missing(spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    raise ValueError(f"rank_state {sorted(spec)[0]!r} is missing")

@@ -32,7 +32,7 @@ def take_run_dir(comm: Any, run_dir: Path, log: RunLog, break_lock: bool = False
     if comm.Get_rank() == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            lock, note = acquire(run_dir, break_lock=break_lock, command=" ".join(sys.argv))
+            lock, note = acquire(run_dir, break_lock=break_lock, command=" ".join(sys.argv)[:1000])
             verdict = ("ok", lock.token, note)
         except LockRefused as exc:
             verdict = ("refused", str(exc), None)
