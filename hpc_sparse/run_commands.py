@@ -67,7 +67,10 @@ def describe_lock(run_dir: Path) -> str:
     """One line on the run dir's lock: free, or held by whom (and whether that job is gone)."""
     from hpc_sparse.runtime.run_lock import LOCK_NAME, judge, read_holder, this_process
 
-    holder, age = read_holder(run_dir / LOCK_NAME)
+    try:
+        holder, age = read_holder(run_dir / LOCK_NAME)
+    except OSError as exc:
+        return f"lock: {run_dir / LOCK_NAME} cannot be read ({exc})"
     if age is None:
         return "lock: free"
     if holder is None:

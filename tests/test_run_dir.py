@@ -374,3 +374,12 @@ def test_info_and_evaluate_survive_a_malformed_manifest(trained):
     assert "INVALID" in info.stdout and f"model (from {older.name})" in info.stdout
     ev = hpc("evaluate", "--run-dir", str(run_dir), ranks=2, check=True)
     assert json.loads(ev.stdout)["checkpoint"] == str(older)
+
+
+def test_a_lock_file_that_cannot_be_read_needs_break_lock(tmp_path):
+    (tmp_path / "elsewhere").write_text("{}")
+    (tmp_path / LOCK_NAME).symlink_to(tmp_path / "elsewhere")  # opened with O_NOFOLLOW: ELOOP
+    with pytest.raises(LockRefused, match="cannot be read"):
+        acquire(tmp_path)
+    lock, note = acquire(tmp_path, break_lock=True)
+    assert note and "--break-lock" in note and not (tmp_path / LOCK_NAME).is_symlink()

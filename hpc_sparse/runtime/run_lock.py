@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import socket
@@ -188,13 +189,13 @@ def _create(path: Path, me: Holder) -> bool:
 
 
 def read_holder(path: Path) -> tuple[Holder | None, float | None]:
-    """(the lock's holder or None if unreadable, the file's age in seconds or None if absent)."""
+    """(the lock's holder or None if its content is unusable, the file's age in seconds or
+    None if there is no lock file). Raises OSError if the file exists but cannot be read
+    (permissions, I/O error, a symbolic link): that says nothing about its holder."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None, None
-    except OSError:
-        return None, 0.0
     try:
         age = time.time() - os.fstat(fd).st_mtime
         raw = os.read(fd, _MAX_LOCK_BYTES)
@@ -221,7 +222,10 @@ class RunLock:
     def release(self) -> bool:
         """Remove the lock file if it still holds this token; True if it was removed. Safe
         to call from any rank that knows the token, and more than once."""
-        holder, _ = read_holder(self.path)
+        try:
+            holder, _ = read_holder(self.path)
+        except OSError:
+            return False
         if holder is None or holder.token != self.token:
             return False
         try:
@@ -246,7 +250,10 @@ def _take_over(path: Path, stale_token: str | None, me: Holder) -> bool:
         time.sleep(0.2)
         return False
     try:
-        current, _ = read_holder(path)
+        try:
+            current, _ = read_holder(path)
+        except OSError:  # still unreadable (the caller had --break-lock for that)
+            current = None
         if (current.token if current else None) != stale_token:
             return False
         try:
@@ -270,13 +277,20 @@ def acquire(run_dir: str | Path, break_lock: bool = False, environ: Mapping[str,
     """
     path = Path(run_dir) / LOCK_NAME
     me = this_process(environ, command)
-    for _ in range(50):
+    deadline = time.monotonic() + 2 * _UNREADABLE_GRACE_SECONDS + 10
+    while time.monotonic() < deadline:
         if _create(path, me):
             return RunLock(path, me.token), None
-        holder, age = read_holder(path)
+        unreadable = None
+        try:
+            holder, age = read_holder(path)
+        except OSError as exc:
+            holder, age, unreadable = None, math.inf, exc
         if age is None:  # released meanwhile
             continue
-        if holder is None:
+        if unreadable is not None:
+            verdict, why = "undecided", f"the lock file cannot be read ({unreadable})"
+        elif holder is None:
             if age < _UNREADABLE_GRACE_SECONDS:  # being written right now
                 time.sleep(0.2)
                 continue
