@@ -1,4 +1,4 @@
-"""``hpc-sparse`` / ``python -m hpc_sparse``: train, evaluate, info, convert, config-help.
+"""``hpc-sparse`` / ``python -m hpc_sparse``: train, evaluate, info, clean, convert, config-help.
 
 Exit status: 0 success; 2 bad input (config, data, checkpoint; one line on stderr naming
 the fix); 75 stopped by a signal after checkpointing (requeue me); 1 anything else.
@@ -33,16 +33,28 @@ def _parser() -> argparse.ArgumentParser:
                     help="override a config key (repeatable), e.g. --set train.lr=0.05")
     tr.add_argument("--run-dir", required=True, help="output folder: metrics.jsonl, summary.json, checkpoints/")
     tr.add_argument("--resume", metavar="auto|PATH",
-                    help="'auto': continue from the newest valid checkpoint in --run-dir (or start fresh); "
-                         "PATH: continue from that checkpoint folder")
+                    help="'auto': continue from the newest valid checkpoint in --run-dir (or start fresh if it has "
+                         "none); PATH: continue from that checkpoint folder")
+    tr.add_argument("--fresh-if-none-valid", action="store_true",
+                    help="with --resume auto: start from step 0 even when committed checkpoints exist but none "
+                         "is valid (they are set aside); without it that is refused")
+    tr.add_argument("--break-lock", action="store_true",
+                    help="take over the run dir's lock when its holder cannot be checked from here (another host "
+                         "without SLURM); only if you know that job has ended")
     tr.add_argument("--quiet", action="store_true", help="no progress output")
 
     ev = sub.add_parser("evaluate", help="test loss and accuracy of a run's newest valid checkpoint")
     ev.add_argument("--run-dir", required=True, help="the training run to evaluate")
     ev.add_argument("--checkpoint", help="a specific checkpoint folder instead of the newest valid one")
 
-    inf = sub.add_parser("info", help="layer shapes, nnz, density, neurons, config and checkpoints of a run")
+    inf = sub.add_parser("info", help="layer shapes, nnz, density, neurons, config, checkpoints, set-aside "
+                                      "folders and lock of a run")
     inf.add_argument("--run-dir", required=True, help="the training run to describe")
+
+    cl = sub.add_parser("clean", help="list, and with --yes remove, a run's set-aside and temporary checkpoint "
+                                      "folders (never a committed checkpoint)")
+    cl.add_argument("--run-dir", required=True, help="the run whose leftover folders to list or remove")
+    cl.add_argument("--yes", action="store_true", help="remove them (while holding the run dir's lock)")
 
     cv = sub.add_parser("convert", help="convert a trained run to N:M or transposable N:M sparsity, as a new run")
     cv.add_argument("--run-dir", required=True, help="the trained run (only read)")
@@ -96,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args, comm)
         if args.command == "convert":
             return _convert(args, comm)
-        return _info(args)
+        from hpc_sparse import run_commands
+
+        if args.command == "clean":
+            return run_commands.clean(Path(args.run_dir), args.yes) if comm.Get_rank() == 0 else 0
+        return run_commands.info(comm, Path(args.run_dir))
     except UserError as exc:
         if exc.every_rank:  # raised on every rank at once: nobody waits; rank 0 prints the one line
             pc.abort_on_error(pc.self_comm(), exc, EXIT_USER_ERROR, quiet=comm.Get_rank() != 0)
@@ -121,22 +137,20 @@ def _train(args: argparse.Namespace, comm, stop) -> int:  # noqa: ANN001
     from hpc_sparse.engine import Engine
     from hpc_sparse.schedules import schedule_for
 
+    if args.fresh_if_none_valid and args.resume != "auto":
+        raise UserError("--fresh-if-none-valid only applies to --resume auto; fix: add --resume auto or drop it",
+                        every_rank=True)
     cfg = load_config(args.config, args.overrides)
     engine = Engine(cfg, comm, Path(args.run_dir), quiet=args.quiet, stop=stop)
-    return engine.run_schedule(schedule_for(cfg.parallel.mode), args.resume)
-
-
-def _load_run(run_dir: Path, checkpoint: str | None):  # noqa: ANN202
-    from hpc_sparse.train import load_run
-
-    run = load_run(run_dir, checkpoint)
-    return run.cfg, run.model, run.manifest, run.path
+    return engine.run_schedule(schedule_for(cfg.parallel.mode), args.resume,
+                               fresh_if_none_valid=args.fresh_if_none_valid, break_lock=args.break_lock)
 
 
 def _evaluate(args: argparse.Namespace, comm) -> int:  # noqa: ANN001
     from hpc_sparse.engine import configure_threads, evaluate, load_data
+    from hpc_sparse.run_commands import load_run
 
-    cfg, model, manifest, path = _load_run(Path(args.run_dir), args.checkpoint)
+    cfg, model, manifest, path = load_run(comm, Path(args.run_dir), args.checkpoint)
     configure_threads(cfg, comm)
     data = load_data(cfg, comm)
     loss, acc = evaluate(model, data, comm, cfg.train.eval_batch_size)
@@ -154,40 +168,6 @@ def _convert(args: argparse.Namespace, comm) -> int:  # noqa: ANN001
     req = ConvertRequest(Path(args.run_dir), Path(args.out), args.structure, n, m, args.method, args.checkpoint,
                          args.finetune_epochs)
     run_convert(comm, req, quiet=args.quiet)
-    return 0
-
-
-def _info(args: argparse.Namespace) -> int:
-    from hpc_sparse.checkpoint import list_checkpoints
-
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run dir '{run_dir}' does not exist; fix: pass the --run-dir of a training run")
-    checkpoints = list_checkpoints(run_dir)
-    print(f"run dir: {run_dir}")
-    print("checkpoints:" if checkpoints else "checkpoints: none")
-    for c in checkpoints:
-        state = "valid" if c["valid"] else f"INVALID ({c['reason']})"
-        print(f"  {Path(c['path']).name}  step {c['step']}  epoch {c['epoch']}  ranks {c['n_ranks']}  "
-              f"{c['bytes'] / 1e6:.1f} MB  {state}")
-    if any(c["valid"] for c in checkpoints):
-        cfg, model, manifest, path = _load_run(run_dir, None)
-        print(f"model (from {path.name}):")
-        print(f"  {'layer':>5} {'n_in':>10} {'n_out':>10} {'nnz':>12} {'density':>10}")
-        for l, layer in enumerate(model.layers):
-            n_in, n_out = layer.shape
-            print(f"  {l:>5} {n_in:>10,} {n_out:>10,} {layer.nnz:>12,} {layer.nnz / (n_in * n_out):>10.5f}")
-        print(f"  widths {list(model.widths)}; hidden neurons {model.hidden_neurons:,}; nnz {model.nnz:,}")
-        print(f"  model_sha256 {model.sha256()}")
-        from hpc_sparse.model_builder import describe_structure
-
-        print("\n".join(describe_structure(cfg, model)) or "structure: unstructured")
-        print(f"config: {json.dumps(cfg.to_dict(), sort_keys=True)}")
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        print(f"summary: test_accuracy {s.get('test_accuracy')} after {s.get('epochs_completed')} epochs; "
-              f"model_sha256 {s.get('model_sha256')}")
     return 0
 
 

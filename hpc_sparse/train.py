@@ -14,14 +14,12 @@ propagate to the caller. The CLI (``hpc-sparse train``) does the same through
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hpc_sparse.config import Config
 from hpc_sparse.engine import Engine, configure_threads, evaluate, load_data
-from hpc_sparse.errors import UserError
 from hpc_sparse.schedules import schedule_for
 from hpc_sparse.sparse import SparseMLP
 
@@ -49,7 +47,7 @@ class Trainer(Engine):
         default: a new one, installed while :meth:`run` runs.
     """
 
-    def run(self, resume: str | None = None) -> int:
+    def run(self, resume: str | None = None, *, fresh_if_none_valid: bool = False, break_lock: bool = False) -> int:
         """Train to the end (returns 0) or until a stop signal (checkpoint written, returns
         ``EXIT_REQUEUE`` = 75).
 
@@ -57,10 +55,16 @@ class Trainer(Engine):
         ----------
         resume : None, "auto" or a checkpoint folder
             None starts afresh; "auto" continues from the newest valid checkpoint in
-            ``run_dir`` (or starts afresh if there is none); a path continues from that
-            checkpoint.
+            ``run_dir`` (or starts afresh if there is none; if committed checkpoints exist but
+            none is valid, it refuses unless ``fresh_if_none_valid``); a path continues from
+            that checkpoint.
+        fresh_if_none_valid : bool
+            With "auto": start afresh even if every committed checkpoint is invalid.
+        break_lock : bool
+            Take over the run dir's lock even if its holder cannot be shown to be gone.
         """
-        return self.run_schedule(schedule_for(self.cfg.parallel.mode), resume)
+        return self.run_schedule(schedule_for(self.cfg.parallel.mode), resume,
+                                 fresh_if_none_valid=fresh_if_none_valid, break_lock=break_lock)
 
 
 @dataclass
@@ -78,8 +82,8 @@ class TrainedRun:
     """The checkpoint folder it came from."""
 
 
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> TrainedRun:
-    """Load a run's trained model in this process (no communicator needed).
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, comm: Any = None) -> TrainedRun:
+    """Load a run's trained model, verified (hashes, format, ``model_sha256``).
 
     Parameters
     ----------
@@ -87,6 +91,9 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Train
         The run folder of a training run.
     checkpoint : str or Path, optional
         A checkpoint folder; default: the newest valid checkpoint in ``run_dir``.
+    comm : mpi4py communicator, optional
+        Load collectively over ``comm`` (rank 0 chooses the checkpoint, every rank gets the
+        same model); default: this process alone.
 
     Returns
     -------
@@ -102,25 +109,9 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Train
     CheckpointError
         The checkpoint named is corrupt or does not match its manifest.
     """
-    from hpc_sparse.checkpoint import find_latest_valid, load_checkpoint
-    from hpc_sparse.config import config_from_dict
-    from hpc_sparse.engine import MODEL_PREFIX
-    from hpc_sparse.model_builder import model_from_rank_arrays, model_from_state
+    from hpc_sparse.parallel.comm import self_comm
+    from hpc_sparse.run_commands import load_run as load_agreed
 
-    run_dir = Path(run_dir)
-    if checkpoint:
-        path = Path(checkpoint)
-    else:
-        if not run_dir.is_dir():
-            raise UserError(f"run dir '{run_dir}' does not exist; fix: pass the --run-dir of a training run")
-        path, _ = find_latest_valid(run_dir)
-        if path is None:
-            raise UserError(f"no valid checkpoint in '{run_dir}'; fix: train with checkpoint.at_end=true "
-                            "(the default) or pass --checkpoint")
-    state, manifest, rank_state = load_checkpoint(path, rank=0)
-    cfg = config_from_dict(manifest["meta"]["config"])
-    if not state and rank_state:  # a checkpoint of per-rank models (WASAP-SGD's local phase)
-        print(f"note: {path} holds one model per rank (WASAP-SGD's local phase); this is rank 0's", file=sys.stderr)
-        mine = {k[len(MODEL_PREFIX):]: v for k, v in rank_state.items() if k.startswith(MODEL_PREFIX)}
-        return TrainedRun(cfg, model_from_rank_arrays(cfg, mine, str(path)), manifest, path)
-    return TrainedRun(cfg, model_from_state(cfg, state, str(path)), manifest, path)
+    cfg, model, manifest, path = load_agreed(comm if comm is not None else self_comm(), Path(run_dir),
+                                             str(checkpoint) if checkpoint else None)
+    return TrainedRun(cfg, model, manifest, path)

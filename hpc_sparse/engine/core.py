@@ -28,7 +28,8 @@ from hpc_sparse.checkpoint import save_checkpoint
 from hpc_sparse.config import Config
 from hpc_sparse.data import Dataset, block_bounds, load_dataset
 from hpc_sparse.engine import resume as rs
-from hpc_sparse.engine.failure import end_job_on_error
+from hpc_sparse.engine.failure import end_job_on_error, must_abort
+from hpc_sparse.engine.ownership import take_run_dir
 from hpc_sparse.engine.progress import Progress
 from hpc_sparse.errors import UserError
 from hpc_sparse.log import RunLog
@@ -36,6 +37,7 @@ from hpc_sparse.model_builder import build_model, check_data_shape, describe_blo
 from hpc_sparse.parallel import comm as pc
 from hpc_sparse.parallel import node_build
 from hpc_sparse.runtime.host import host_info
+from hpc_sparse.runtime.run_lock import RunLock
 from hpc_sparse.runtime.signals import EXIT_REQUEUE, StopFlag
 from hpc_sparse.runtime.slurm import describe as describe_slurm
 from hpc_sparse.runtime.slurm import read_slurm_env
@@ -126,16 +128,23 @@ class Engine:
         self.schedule_name = ""
         self.schedule_state: dict[str, Any] = {}  # what checkpoints store for the schedule by default
         self.host = host_info()
+        self.lock: RunLock | None = None  # the run dir's lock while run_schedule runs
         self.n_train = 0
         self.model: SparseMLP
         self.data: Dataset
         self._last_save_time = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
-    def run_schedule(self, schedule: Schedule, resume: str | None = None) -> int:
-        """Start (or resume), train with ``schedule`` to the end (0) or to a stop signal
-        (checkpoint written, returns ``EXIT_REQUEUE``), finish. An exception on one rank of
-        several ends every rank (:func:`~hpc_sparse.engine.failure.end_job_on_error`).
+    def run_schedule(self, schedule: Schedule, resume: str | None = None, *, fresh_if_none_valid: bool = False,
+                     break_lock: bool = False) -> int:
+        """Take the run dir, start (or resume), train with ``schedule`` to the end (0) or to a
+        stop signal (checkpoint written, returns ``EXIT_REQUEUE``), finish. An exception on one
+        rank of several ends every rank (:func:`~hpc_sparse.engine.failure.end_job_on_error`).
+
+        ``fresh_if_none_valid``: with ``resume="auto"``, start from step 0 when committed
+        checkpoints exist but none loads (otherwise that is refused). ``break_lock``: take
+        over a run dir lock whose holder cannot be checked (:mod:`hpc_sparse.engine.ownership`).
+        The lock is released at every exit, also when one rank's error aborts the job.
 
         The stop flag's handlers are installed first (a signal during start-up must not kill
         the rank) and stay installed when this returns ``EXIT_REQUEUE``: a second signal
@@ -146,26 +155,33 @@ class Engine:
             self.stop.install()
         status = None
         try:
+            self.lock = take_run_dir(self.comm, self.run_dir, self.log, break_lock)
             self.schedule_name = schedule.name
             schedule.check_config(self)
-            self.start(resume, schedule)
+            self.start(resume, schedule, fresh_if_none_valid)
             status = schedule.run(self)
             if status == 0:
                 self.finish()
+            # rank 0 applies retention after a save has released the other ranks; wait for it,
+            # so that the run dir is final on every rank when this returns
+            self.comm.Barrier()
             return status
         except BaseException as exc:
+            if self.lock is not None and must_abort(exc, self.size):
+                self.lock.release()  # the abort below ends every rank, rank 0 included
             end_job_on_error(self.comm, exc)
             raise
         finally:
+            if self.lock is not None and self.rank == 0:
+                self.lock.release()
+            self.lock = None
             if own_handlers and status != EXIT_REQUEUE:
                 self.stop.restore()
 
-    def start(self, resume: str | None, schedule: Schedule) -> None:
-        """Folders, threads, data; the model from a checkpoint (``resume``) or fresh."""
+    def start(self, resume: str | None, schedule: Schedule, fresh_if_none_valid: bool = False) -> None:
+        """Threads, data; the model from a checkpoint (``resume``) or fresh. The run dir
+        exists and this job holds it."""
         cfg = self.cfg
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.comm.Barrier()
         threads = configure_threads(cfg, self.comm)
         self.data = load_data(cfg, self.comm)
         self.n_train = int(self.data.x_train.shape[0])
@@ -181,7 +197,8 @@ class Engine:
         for note in d.notes:
             self.log.info(note)
         if resume:
-            self.resumed = rs.load_resumed(self.comm, cfg, self.run_dir, resume, self.log, schedule.name)
+            self.resumed = rs.load_resumed(self.comm, cfg, self.run_dir, resume, self.log, schedule.name,
+                                           fresh_if_none_valid)
         if self.resumed is not None:
             self.model, self.progress, self.history = self.resumed.model, self.resumed.progress, self.resumed.history
             schedule.check_resume(self, self.resumed)  # may refuse (every rank) or move the position

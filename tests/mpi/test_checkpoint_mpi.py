@@ -88,6 +88,7 @@ def test_retention_and_latest_under_mpi(comm, run_dir):
     state = make_state(2)
     for step in (1, 2, 3):
         save_checkpoint(comm, run_dir, step, state, {"epoch": step}, keep=2)
+    comm.Barrier()  # rank 0 applies retention after it has released the other ranks
     names = sorted(p.name for p in checkpoint_dir(run_dir).iterdir())
     latest, skipped = find_latest_valid(run_dir)
     results = comm.allgather((names, latest.name, skipped))

@@ -229,6 +229,36 @@ def test_gradient_and_model_messages_round_trip(comm):
     assert all_errors == [[]] * size
 
 
+def test_a_worker_waits_for_the_final_model_as_long_as_the_slowest_rank_takes(comm):
+    """Issue 18, defect 10: a worker that has said DONE waits for FINAL while slower ranks
+    finish their share; that wait has no per-message timeout (the engine's abort handles real
+    failures). Here the server answers only after 4 times the endpoints' timeout."""
+    n_layers, size, rank = 1, comm.Get_size(), comm.Get_rank()
+    if size == 1:
+        pytest.skip("needs a server and at least one worker (run under mpiexec -n 2 or more)")
+    shapes = [(3, 2, 2)]
+    error = None
+    try:
+        if rank == 0:
+            ep = wp.ServerEndpoint(comm, n_layers, timeout=0.5)
+            t0 = time.monotonic()
+            while ep.listening and time.monotonic() - t0 < 60:
+                if ep.poll() is None:
+                    time.sleep(1e-3)
+            time.sleep(2.0)  # the server (or a slow worker) is still training its share
+            for w in range(1, size):
+                h = wp.Header(wp.FINAL, flags=wp.FLAG_INDICES | wp.FLAG_MOMENTUM, shapes=shapes)
+                ep.reply(w, h, np.zeros(h.float_count(), np.float32), np.zeros(h.index_count(), np.int64))
+            ep.close()
+        else:
+            final = wp.WorkerEndpoint(comm, n_layers, timeout=0.5).done(1)
+            if final.header.kind != wp.FINAL:
+                error = f"rank {rank} got {final.header.kind_name}"
+    except wp.WasapTimeout as exc:
+        error = str(exc)
+    assert comm.allgather(error) == [None] * size
+
+
 def test_merge_gather_and_broadcast(comm):
     """gather_to_root collects every rank's MERGE message in rank order; bcast_from_root gives
     every rank rank 0's arrays, sizes first."""
