@@ -21,8 +21,9 @@ first (tolerance in :func:`check`): torch CSR (``torch.mm`` on a CSR tensor,
 ``torch.sparse.sampled_addmm``), Intel MKL sparse through sparse-dot-mkl (SpMM only: it has
 no SDDMM, so its backward uses torch's), scipy.sparse (CSR ``@``; the SDDMM as a numpy
 gather-and-dot, scipy has none). A contender that is not installed prints a line with the
-reason instead. Every library runs at ``--threads`` threads; all steps are timed in
-interleaved rounds (medians), each call after a pause so that no library's threads still spin.
+reason instead. Every library runs at ``--threads`` threads (scipy.sparse has no threads); all
+steps are timed in interleaved rounds (medians), each call after a pause so that no library's
+threads still spin.
 
 One JSON line per (width, op, contender) with ``ms``, ``ratio_to_hpc`` (contender ms over
 hpc_sparse ms for the same op in the same run), ``hpc_ms``, width, nnz, batch, threads::
@@ -52,7 +53,7 @@ import _bench_common as bc  # noqa: E402
 OPS = ("forward", "sddmm", "backward")
 LR, MOMENTUM, DROPOUT = 0.01, 0.9, 0.3
 MKL_SETTLE_SECONDS = 0.3
-"""Intel OpenMP's workers (MKL) spin 200 ms after a parallel region (KMP_BLOCKTIME), longer than
+"""Intel OpenMP's workers (MKL) spin 200 ms after a parallel region (KMP_BLOCKTIME), as long as
 the default pause: with MKL loaded, every timed call waits this long instead."""
 
 
