@@ -1,0 +1,30 @@
+"""Where the ranks run (hosts, ranks and threads per host), at any communicator size.
+
+On one machine every rank shares one host name; the two-node SLURM test
+(tests/slurm/test_slurm_two_nodes.py) checks the line with two hosts.
+"""
+
+from __future__ import annotations
+
+from mpi4py import MPI
+
+from hpc_sparse.parallel.placement import HostPlacement, _ranges, describe_placement, gather_placement
+
+
+def test_every_rank_is_placed_once_with_its_threads(comm):
+    hosts = gather_placement(comm, threads=comm.rank + 1)
+    ranks = sorted(r for h in hosts for r in h.ranks)
+    assert ranks == list(range(comm.size))
+    assert [h.host for h in hosts] == [MPI.Get_processor_name()]  # one machine
+    assert hosts[0].threads == tuple(r + 1 for r in range(comm.size))
+    assert hosts[0].total_threads == sum(range(1, comm.size + 1))
+    assert comm.allgather(hosts) == [hosts] * comm.size  # the same answer on every rank
+
+
+def test_the_log_line_names_each_host_with_its_ranks_and_threads():
+    hosts = [HostPlacement("node1", (0, 1, 2, 5), (2, 2, 2, 2)), HostPlacement("node2", (3,), (1,)),
+             HostPlacement("node3", (4,), (2,))]
+    assert describe_placement(hosts) == ("3 hosts: node1 (ranks 0-2,5, 8 threads), node2 (rank 3, 1 thread), "
+                                         "node3 (rank 4, 2 threads)")
+    assert describe_placement([HostPlacement("vm", (0,), (1,))]) == "1 host: vm (rank 0, 1 thread)"
+    assert _ranges((0, 2, 3, 4, 7)) == "0,2-4,7"
