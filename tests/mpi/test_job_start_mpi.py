@@ -1,14 +1,19 @@
-"""Where the ranks run (hosts, ranks and threads per host), at any communicator size.
+"""What a job does at start for its job script and log, at any communicator size: where the
+ranks run (hosts, ranks and threads per host) and the ready file that lets the job script
+pass stop signals on.
 
 On one machine every rank shares one host name; the two-node SLURM test
-(tests/slurm/test_slurm_two_nodes.py) checks the line with two hosts.
+(tests/slurm/test_slurm_real.py) checks the log line with two hosts.
 """
 
 from __future__ import annotations
 
+import signal
+
 from mpi4py import MPI
 
 from hpc_sparse.parallel.placement import HostPlacement, _ranges, describe_placement, gather_placement
+from hpc_sparse.runtime.signals import READY_FILE_ENV, StopFlag, announce_ready
 
 
 def test_every_rank_is_placed_once_with_its_threads(comm):
@@ -28,3 +33,16 @@ def test_the_log_line_names_each_host_with_its_ranks_and_threads():
                                          "node3 (rank 4, 2 threads)")
     assert describe_placement([HostPlacement("vm", (0,), (1,))]) == "1 host: vm (rank 0, 1 thread)"
     assert _ranges((0, 2, 3, 4, 7)) == "0,2-4,7"
+
+
+def test_rank_0_creates_the_ready_file_once_every_rank_has_its_handlers(comm, run_dir):
+    ready = run_dir / "sub" / ".ready-7-0"
+    env = {READY_FILE_ENV: str(ready)}
+    with StopFlag() as stop:
+        assert signal.getsignal(signal.SIGUSR1) == stop._handler
+        written = announce_ready(comm, env)
+        assert (written == ready) if comm.rank == 0 else written is None
+        comm.Barrier()
+        assert ready.is_file() and f"{comm.size} ranks ready" in ready.read_text()
+        assert not list(ready.parent.glob("*.tmp"))
+    assert announce_ready(comm, {}) is None  # outside the job scripts: nothing written
