@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace, comm, stop) -> int:  # noqa: ANN001
     from hpc_sparse.config import load_config
     from hpc_sparse.engine import Engine
+    from hpc_sparse.engine.failure import agreed
     from hpc_sparse.schedules import schedule_for
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = agreed(comm, lambda: load_config(args.config, args.overrides))  # a bad config exits 2 on every rank
     engine = Engine(cfg, comm, Path(args.run_dir), quiet=args.quiet, stop=stop)
     return engine.run_schedule(schedule_for(cfg.parallel.mode), args.resume)
 

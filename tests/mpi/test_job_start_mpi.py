@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import signal
 
+import pytest
 from mpi4py import MPI
 
+from hpc_sparse.engine.failure import agreed
+from hpc_sparse.errors import UserError
 from hpc_sparse.parallel.placement import HostPlacement, _ranges, describe_placement, gather_placement
 from hpc_sparse.runtime.signals import READY_FILE_ENV, StopFlag, announce_ready
 
@@ -46,3 +49,15 @@ def test_rank_0_creates_the_ready_file_once_every_rank_has_its_handlers(comm, ru
         assert ready.is_file() and f"{comm.size} ranks ready" in ready.read_text()
         assert not list(ready.parent.glob("*.tmp"))
     assert announce_ready(comm, {}) is None  # outside the job scripts: nothing written
+
+
+def test_a_user_error_on_some_ranks_is_raised_on_every_rank_with_the_first_message(comm):
+    def load():
+        if comm.rank >= comm.size - 2:  # the last two ranks (the only one with one rank)
+            raise UserError(f"bad input on rank {comm.rank}; fix: x")
+        return comm.rank
+
+    with pytest.raises(UserError) as info:
+        agreed(comm, load)
+    assert info.value.every_rank and str(info.value) == f"bad input on rank {max(comm.size - 2, 0)}; fix: x"
+    assert agreed(comm, lambda: comm.rank * 2) == comm.rank * 2
