@@ -6,7 +6,8 @@
 #     $LAUNCHER ... $PYTHON -m mpi4py -m hpc_sparse train --config $CONFIG \
 #         --run-dir $RUN_DIR --resume auto [--set k=v ...]
 # in the background, forwards SIGUSR1/SIGTERM that reach this batch shell to the
-# launcher, and turns the trainer's exit status into the job's:
+# launcher once every rank is ready for them (before that it ends the launcher and
+# reports 75; see hs_forward), and turns the trainer's exit status into the job's:
 #
 #   75 (EXIT_REQUEUE: "stopped by a signal after writing a checkpoint")
 #        -> `scontrol requeue $SLURM_JOB_ID` (array task: <array id>_<index>), exit 0.
