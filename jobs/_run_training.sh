@@ -109,9 +109,10 @@ hs_run_training() {
     esac
     hs_setup_threads
     # Written by the trainer's rank 0 once every rank can take a stop signal; one per start.
-    HS_READY_FILE="$RUN_DIR/.ready-${SLURM_JOB_ID:-pid$$}-${SLURM_RESTART_COUNT:-0}"
+    mkdir -p "$RUN_DIR" || { hs_log "ERROR: cannot create RUN_DIR=$RUN_DIR"; return 2; }
+    HS_READY_FILE="$(cd "$RUN_DIR" && pwd)/.ready-${SLURM_JOB_ID:-pid$$}-${SLURM_RESTART_COUNT:-0}"
     export HPC_SPARSE_READY_FILE=$HS_READY_FILE
-    mkdir -p "$RUN_DIR" && rm -f "$HS_READY_FILE"
+    rm -f "$HS_READY_FILE"
     local -a cmd=("${launch[@]}" "${extra_launch[@]}" "$python" -m mpi4py -m hpc_sparse train
                   --config "$CONFIG" --run-dir "$RUN_DIR" --resume auto "${HS_EXTRA_ARGS[@]}")
 
