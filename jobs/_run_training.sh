@@ -157,16 +157,18 @@ hs_run_training() {
     if [ "$status" != "$HS_EXIT_REQUEUE" ]; then
         return "$status"
     fi
+    local saved="checkpoint written"
+    [ -z "$HS_EARLY_STOP" ] && [ -n "$HS_CHILD" ] || saved="stopped before training (nothing new to save)"
     if [ -z "${SLURM_JOB_ID:-}" ]; then
-        hs_log "checkpoint written; not under SLURM, run again to resume"
+        hs_log "$saved; not under SLURM, run again to resume"
         return "$status"
     fi
     if [ "${REQUEUE:-1}" = 0 ]; then
-        hs_log "checkpoint written; REQUEUE=0, the next chunk resumes from it"
+        hs_log "$saved; REQUEUE=0, the next chunk resumes from it"
         return 0
     fi
     if [ "$HS_SIGNAL" = TERM ]; then
-        hs_log "checkpoint written; stopped by SIGTERM (cancel or preemption): not requeueing"
+        hs_log "$saved; stopped by SIGTERM (cancel or preemption): not requeueing"
         return "$status"
     fi
     # An array task must be named <array id>_<index>: its own SLURM_JOB_ID equals the
@@ -175,7 +177,7 @@ hs_run_training() {
     if [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
         target=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
     fi
-    hs_log "checkpoint written; requeueing job $target (restart $(( ${SLURM_RESTART_COUNT:-0} + 1 )) follows)"
+    hs_log "$saved; requeueing job $target (restart $(( ${SLURM_RESTART_COUNT:-0} + 1 )) follows)"
     if ! scontrol requeue "$target"; then
         hs_log "ERROR: scontrol requeue $target failed; resubmit with RUN_DIR=$RUN_DIR to resume"
         return "$status"
