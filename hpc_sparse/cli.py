@@ -3,10 +3,15 @@
 Exit status: 0 success; 2 bad input (config, data, checkpoint; one line on stderr naming
 the fix); 75 stopped by a signal after checkpointing (requeue me); 1 anything else.
 Under MPI, an error on any rank aborts the whole job at once with that rank's message.
+Statuses 2 and 75 leave through ``MPI.Finalize`` and ``os._exit`` on every rank
+(:func:`hpc_sparse.parallel.comm.exit_with_status`), so that ``srun`` reports them as they
+are; only an error on some ranks, where the others may wait in a collective, aborts.
 
 ``train`` picks the schedule by ``parallel.mode`` (:func:`hpc_sparse.schedules.schedule_for`)
 and runs it on the engine. Its stop flag (SIGUSR1/SIGTERM) is installed first thing, before
-the heavy imports, so that a stop request during start-up is not fatal to the rank.
+the heavy imports; once it is installed on every rank, rank 0 creates the job script's ready
+file (:func:`hpc_sparse.runtime.signals.announce_ready`), and only then does the script pass
+stop signals on to the ranks.
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key:28s} {default:24s} {text}")
         return 0
 
-    from hpc_sparse.runtime.signals import EXIT_REQUEUE, StopFlag
+    from hpc_sparse.runtime.signals import EXIT_REQUEUE, StopFlag, announce_ready
 
     stop = StopFlag().install() if args.command == "train" else None
     from hpc_sparse.parallel import comm as pc
@@ -97,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     comm = pc.world()
     try:
         if args.command == "train":
+            announce_ready(comm)  # every rank takes stop signals now: the job script may forward them
             status = _train(args, comm, stop)
             if status == EXIT_REQUEUE:
                 # the stop flag's handlers stay installed: a second signal now cannot turn 75
@@ -116,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if exc.every_rank:  # raised on every rank at once: nobody waits; rank 0 prints the one line
             pc.abort_on_error(pc.self_comm(), exc, EXIT_USER_ERROR, quiet=comm.Get_rank() != 0)
-            return EXIT_USER_ERROR
-        pc.abort_on_error(comm, exc, EXIT_USER_ERROR)
-        return EXIT_USER_ERROR
+        else:  # aborts every rank (MPI_Abort) when there are several; returns with one
+            pc.abort_on_error(comm, exc, EXIT_USER_ERROR)
+        # the same exit as 75: a SystemExit(2) would become MPI_Abort(2) under `-m mpi4py`,
+        # which srun reports as 137
+        pc.exit_with_status(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:  # noqa: BLE001 - any failure on any rank must end the whole job
@@ -135,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace, comm, stop) -> int:  # noqa: ANN001
     from hpc_sparse.config import load_config
     from hpc_sparse.engine import Engine
+    from hpc_sparse.engine.failure import agreed
     from hpc_sparse.schedules import schedule_for
 
     if args.fresh_if_none_valid and args.resume != "auto":
         raise UserError("--fresh-if-none-valid only applies to --resume auto; fix: add --resume auto or drop it",
                         every_rank=True)
-    cfg = load_config(args.config, args.overrides)
+    cfg = agreed(comm, lambda: load_config(args.config, args.overrides))  # a bad config exits 2 on every rank
     engine = Engine(cfg, comm, Path(args.run_dir), quiet=args.quiet, stop=stop)
     return engine.run_schedule(schedule_for(cfg.parallel.mode), args.resume,
                                fresh_if_none_valid=args.fresh_if_none_valid, break_lock=args.break_lock)

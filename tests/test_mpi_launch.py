@@ -48,6 +48,18 @@ def test_user_error_on_all_ranks_exits_with_message(tmp_path, ranks):
     assert "rank 1/" not in proc.stderr
 
 
+def test_a_config_error_exits_2_with_one_line_and_no_abort(tmp_path):
+    """Issue 18, defect 9: a bad config is agreed by all ranks and leaves like status 75
+    (MPI_Finalize, exit 2), not through MPI_Abort, which srun would report as 137."""
+    proc, seconds = mpiexec(2, sys.executable, "-m", "mpi4py", "-m", "hpc_sparse", "train", "--config",
+                            "configs/synthetic-quick.toml", "--set", "train.lr=-1", "--run-dir", str(tmp_path / "r"),
+                            timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == ["hpc-sparse: error: config key 'train.lr' is -1.0 but must be > 0.0; fix: set a value in range"]
+    assert not (tmp_path / "r").exists()
+
+
 def test_quickstart_two_ranks_trains(tmp_path):
     proc, _ = mpiexec(2, sys.executable, "-m", "mpi4py", "-m", "hpc_sparse", "train", "--config",
                       "configs/synthetic-quick.toml", "--run-dir", str(tmp_path), timeout=300)

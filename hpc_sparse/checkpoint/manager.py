@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,10 @@ def save_checkpoint(comm: Any, run_dir: str | Path, step: int, state: Mapping[st
     attrs = {"schema_version": fmt.SCHEMA_VERSION, "step": step, "rank": rank, "n_ranks": size}
     error, result = None, None
     try:
+        if not tmp.is_dir():  # rank 0 made it: this rank's view of run_dir is another folder
+            raise CheckpointError(f"rank {rank} on host {socket.gethostname()} does not see {tmp}, which rank 0 "
+                                  "created: run_dir is not the same folder on every node; fix: put run_dir on a "
+                                  "file system shared by all ranks")
         sha, nbytes = fmt.write_shard(tmp / fmt.shard_file_name(rank, size), state, assignment[rank],
                                       rank_state, attrs)
         result = (sha, nbytes, rs_spec)

@@ -36,6 +36,7 @@ from hpc_sparse.log import RunLog
 from hpc_sparse.model_builder import build_model, check_data_shape, describe_blocking, layer_structure
 from hpc_sparse.parallel import comm as pc
 from hpc_sparse.parallel import node_build
+from hpc_sparse.parallel.placement import describe_placement, gather_placement
 from hpc_sparse.runtime.host import host_info
 from hpc_sparse.runtime.run_lock import RunLock
 from hpc_sparse.runtime.signals import EXIT_REQUEUE, StopFlag
@@ -183,12 +184,14 @@ class Engine:
         exists and this job holds it."""
         cfg = self.cfg
         threads = configure_threads(cfg, self.comm)
+        hosts = gather_placement(self.comm, threads)  # collective: before anything that may fail on one rank
         self.data = load_data(cfg, self.comm)
         self.n_train = int(self.data.x_train.shape[0])
         check_data_shape(cfg, self.data.n_features, self.data.n_classes)
         d = self.data
         self.log.info(f"hpc_sparse {__version__} | {self.size} rank(s) x {threads} thread(s) | {pc.mpi_vendor()} "
                       f"| {schedule.name} | {self.host['cpu_model']} ({self.host['numba_cpu_name']})")
+        self.log.info(describe_placement(hosts))
         slurm = read_slurm_env()
         if slurm is not None:
             self.log.info(describe_slurm(slurm))
