@@ -139,15 +139,18 @@ def test_every_steps_checkpoints_both_phases_and_each_resumes(comm, run_dir, ref
             assert acc > 0.6 and abs(acc - reference[1]) < BAND
 
 
-def test_rigl_with_importance_pruning_in_both_phases(comm, run_dir):
-    """topology.growth='gradient' with importance pruning: the RigL scores are recomputed at
-    the new widths after pruning (on the server in phase 1, on every rank in phase 2)."""
+@pytest.mark.parametrize("mode", ["remove", "empty"])
+def test_rigl_with_importance_pruning_in_both_phases(comm, run_dir, mode):
+    """topology.growth='gradient' with importance pruning: the RigL scores are recomputed on
+    the pruned model (on the server in phase 1, on every rank in phase 2)."""
     cfg = config("train.epochs=5", 'topology.growth="gradient"', "importance.enabled=true",
-                 "importance.start_epoch=0", "importance.every=1", "importance.percentile=20")
+                 "importance.start_epoch=0", "importance.every=1", "importance.percentile=20",
+                 f'importance.mode="{mode}"')
     status, tr = train(comm, run_dir, cfg)
     got = comm.allgather((tr.model.sha256(), tr.model.widths))
     assert status == 0 and len(set(got)) == 1
-    assert tr.model.widths[1] < 40 and tr.history[-1]["test_accuracy"] > 0.5
+    pruned = tr.model.widths[1] < 40 if mode == "remove" else tr.model.nnz < tr.history[0]["nnz"]
+    assert pruned and tr.history[-1]["test_accuracy"] > 0.5
 
 
 def test_every_seconds_checkpoints_both_phases(comm, run_dir, monkeypatch):
