@@ -221,8 +221,9 @@ class Engine:
         RigL scores missing connections from the buffers of the model's last training step.
         Importance pruning clears them (the widths or the emptied neurons' outputs changed),
         so before evolving they are recomputed from ``last_batch`` (x, y of this rank's last
-        training batch) on the pruned model. ``gather`` exchanges RigL candidates between ranks that share the model
-        (None: this rank decides alone). ``who`` names the model in log lines."""
+        training batch) on the pruned model. ``gather`` exchanges RigL candidates between
+        ranks that share the model (None: this rank decides alone). ``who`` names the model
+        in log lines."""
         cfg = self.cfg
         pruned = None
         if prune and prune_neurons_after_epoch(epoch, cfg.train.epochs, cfg.importance.enabled,
