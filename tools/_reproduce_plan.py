@@ -57,6 +57,9 @@ class Study:
     notes: list[str] = field(default_factory=list)
 
 
+STRUCTURES = ((2, 4), (1, 16))  # the N:M constraints of the structure study
+
+
 def structure_notes(base: Any) -> list[str]:
     """The structure study's notes, computed from the base config ``base`` (a Config): the
     Erdős–Rényi density each constrained layer gets from model.epsilon, and how full that
@@ -72,9 +75,6 @@ def structure_notes(base: Any) -> list[str]:
             "layer draws the same Binomial nnz as the unstructured layer of the same seed, so all cells have "
             "exactly the same nnz per seed; N:M is only a cap. The constrained layers (all but the output layer) "
             f"have expected densities {lo:.1%}-{hi:.1%} (Erdős–Rényi, from model.epsilon); {caps}."]
-
-
-STRUCTURES = ((2, 4), (1, 16))  # the N:M constraints of the structure study
 
 
 def studies(epochs: int, base: Any = None) -> dict[str, Study]:
