@@ -133,16 +133,23 @@ class TopologyConfig:
 
 @dataclass
 class ImportanceConfig:
-    """Importance pruning, which removes weak hidden neurons while training."""
+    """Importance pruning of weak hidden neurons while training: removed (the layers shrink) or
+    with their incoming connections emptied (the paper's form), see ``mode``."""
 
-    enabled: bool = _f(False, "remove hidden neurons whose importance (sum of |incoming weights|) "
-                              "is at or below the layer's percentile")
+    enabled: bool = _f(False, "prune hidden neurons whose importance (sum of |incoming weights|) "
+                              "is at or below the layer's percentile (see importance.mode)")
+    mode: str = _f("remove", "remove: the neuron is deleted (its column, bias and outgoing row; its "
+                             "constant output folded into the next bias), so the layers really shrink | "
+                             "empty (the paper's): only its incoming column is emptied; the neuron keeps "
+                             "its bias and outgoing weights, counts in the next percentile, and SET/RigL "
+                             "regrowth may connect it again", choices=("remove", "empty"))
     start_epoch: int = _f(200, "prune only after epochs > start_epoch (0-based; paper: 200)", min=0)
     every: int = _f(20, "prune at epochs that are multiples of this (paper: 20 parallel, 10 "
                         "sequential)", min=1)
     percentile: float = _f(10.0, "q: neurons with importance <= the q-th percentile of their layer "
-                                 "are removed (paper: 10 parallel, 20 sequential)", min=0.0, max=100.0)
-    min_neurons: int = _f(1, "never shrink a hidden layer below this width", min=1)
+                                 "are pruned (paper: 10 parallel, 20 sequential)", min=0.0, max=100.0)
+    min_neurons: int = _f(1, "never prune more than width - min_neurons neurons of a hidden layer "
+                             "(remove: the layer keeps at least this width)", min=1)
 
 
 @dataclass

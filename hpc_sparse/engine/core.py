@@ -44,6 +44,7 @@ from hpc_sparse.runtime.slurm import describe as describe_slurm
 from hpc_sparse.runtime.slurm import read_slurm_env
 from hpc_sparse.sparse import SparseMLP
 from hpc_sparse.topology import Gather, evolve_model, prune_neurons
+from hpc_sparse.topology.importance import describe_pruning, neurons_without_inputs
 from hpc_sparse.topology.schedule import drop_fraction, evolve_after_epoch, prune_neurons_after_epoch
 
 Batch = tuple[np.ndarray, np.ndarray]
@@ -65,13 +66,20 @@ class Schedule(Protocol):
 class TopologyUpdate:
     """What one epoch-end topology update did."""
 
-    pruned: list[int] | None  # neurons removed per hidden layer, None if no pruning was scheduled
+    pruned: list[int] | None  # neurons pruned per hidden layer (prune_neurons), None if none was scheduled
     evolved: bool
     evolve_seconds: float
 
     @property
     def changed(self) -> bool:
         return self.pruned is not None or self.evolved
+
+
+def configured_shapes(cfg: Config) -> list[tuple[int, int]]:
+    """The (n_in, n_out) of every weight matrix as configured: SET draws regrown values for
+    these shapes, whatever importance pruning has removed since (README, "Where this differs")."""
+    w = cfg.model.layers
+    return list(zip(w[:-1], w[1:]))
 
 
 def configure_threads(cfg: Config, comm: Any) -> int:
@@ -226,7 +234,8 @@ class Engine:
         if not self.history or last.get("step") != p.step:  # stopped mid-epoch: measure afresh
             last["test_loss"], last["test_accuracy"] = self.evaluate(self.model)
         summary = {**last, "model_sha256": self.model.sha256(), "widths": list(self.model.widths),
-                   "nnz": self.model.nnz, "hidden_neurons": self.model.hidden_neurons, "steps": p.step,
+                   "nnz": self.model.nnz, "hidden_neurons": self.model.hidden_neurons,
+                   "neurons_without_inputs": sum(neurons_without_inputs(self.model)), "steps": p.step,
                    "epochs_completed": p.epoch, "ranks": self.size, "mode": self.schedule_name,
                    "best_test_accuracy": max((h["test_accuracy"] for h in self.history), default=None)}
         self.log.write_json("summary.json", summary)
@@ -241,19 +250,20 @@ class Engine:
         stream ``evolution``.
 
         RigL scores missing connections from the buffers of the model's last training step.
-        Importance pruning clears them (the widths changed), so before evolving they are
-        recomputed from ``last_batch`` (x, y of this rank's last training batch) at the new
-        widths. ``gather`` exchanges RigL candidates between ranks that share the model
-        (None: this rank decides alone). ``who`` names the model in log lines."""
+        Importance pruning clears them (the widths or the emptied neurons' outputs changed),
+        so before evolving they are recomputed from ``last_batch`` (x, y of this rank's last
+        training batch) on the pruned model. ``gather`` exchanges RigL candidates between
+        ranks that share the model (None: this rank decides alone). ``who`` names the model
+        in log lines."""
         cfg = self.cfg
         pruned = None
         if prune and prune_neurons_after_epoch(epoch, cfg.train.epochs, cfg.importance.enabled,
                                                cfg.importance.start_epoch, cfg.importance.every):
-            before = list(model.widths)
+            before = (list(model.widths), model.nnz)
             pruned = prune_neurons(model, cfg.importance.percentile, cfg.importance.min_neurons,
-                                   layer_structure(cfg))
-            self.log.info(f"importance pruning after {who}epoch {epoch + 1}: removed {pruned} neurons; "
-                          f"widths {before} -> {list(model.widths)}")
+                                   layer_structure(cfg), cfg.importance.mode)
+            self.log.info(f"importance pruning after {who}epoch {epoch + 1}: "
+                          + describe_pruning(model, cfg.importance.mode, pruned, before))
         evolved = evolve_after_epoch(epoch, cfg.train.epochs, cfg.topology.evolve_every)
         t0 = time.perf_counter()
         if evolved:
@@ -267,7 +277,7 @@ class Engine:
             kwargs = {} if gather is None else {"gather": gather}
             evolve_model(model, zeta=zeta, growth=cfg.topology.growth, seed=cfg.seed, evolution=evolution,
                          init=cfg.model.init, block_rows=cfg.topology.rigl_block_rows,
-                         structure=layer_structure(cfg), **kwargs)
+                         structure=layer_structure(cfg), init_shapes=configured_shapes(cfg), **kwargs)
         return TopologyUpdate(pruned, evolved, time.perf_counter() - t0)
 
     def evaluate(self, model: SparseMLP, comm: Any | None = None) -> tuple[float, float]:

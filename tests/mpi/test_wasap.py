@@ -354,11 +354,30 @@ def test_importance_pruning_in_both_phases_keeps_ranks_identical(comm, run_dir):
     assert tr.history[-1]["test_accuracy"] > 0.5
 
 
-def test_one_rank_is_plain_local_training_identical_to_sync(comm):
+def test_the_papers_emptying_in_both_phases_keeps_ranks_identical(comm, run_dir):
+    """importance.mode='empty': the server empties columns in phase 1 (the widths stay, so a
+    worker's gradient in flight is mapped onto the new pattern, not dropped); the pruning
+    scheduled in phase 2 empties columns of the merged model. All ranks end identical."""
+    tr = Trainer(small_config("train.epochs=5", "importance.enabled=true", "importance.start_epoch=0",
+                              "importance.every=1", "importance.percentile=20", 'importance.mode="empty"',
+                              "checkpoint.at_end=false"),
+                 comm, run_dir, quiet=True)
+    tr.run()
+    got = comm.allgather((tr.model.sha256(), tr.model.widths))
+    nnz = [h["nnz"] for h in tr.history]
+    assert len(set(got)) == 1 and got[0][1] == (50, 40, 30, 3)
+    assert all(h["widths"] == [50, 40, 30, 3] and h.get("dropped_updates", 0) == 0 for h in tr.history)
+    assert nnz[0] > nnz[1] > nnz[2], nnz  # the server's prunings after epochs 2 and 3
+    assert nnz[-1] < nnz[-2] or comm.Get_size() == 1, nnz  # P > 1: the merged model is emptied
+    assert tr.history[-1]["test_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("importance_mode", ["remove", "empty"])
+def test_one_rank_is_plain_local_training_identical_to_sync(comm, importance_mode):
     """On COMM_SELF (every rank on its own), wasap and sync give the same model bit for bit,
     with importance pruning in both phases."""
     extra = ["train.epochs=4", "importance.enabled=true", "importance.start_epoch=0", "importance.every=1",
-             "checkpoint.at_end=false"]
+             f'importance.mode="{importance_mode}"', "checkpoint.at_end=false"]
     shas = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("sync", "wasap"):
@@ -366,7 +385,7 @@ def test_one_rank_is_plain_local_training_identical_to_sync(comm):
             tr.run()
             shas[mode] = (tr.model.sha256(), [round(h["test_loss"], 12) for h in tr.history], tr.model.widths)
     ok = comm.allgather(shas["sync"] == shas["wasap"])
-    assert shas["wasap"][2] != tuple(small_config().model.layers)  # pruning did happen
+    assert (shas["wasap"][2] != tuple(small_config().model.layers)) == (importance_mode == "remove")
     assert ok == [True] * comm.Get_size()
 
 
