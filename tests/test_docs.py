@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import find_mpiexec
+from hpc_sparse.runtime.launcher import find_mpiexec
 from hpc_sparse.cli import _parser, main
 from hpc_sparse.config import describe
 from hpc_sparse.reference import REGENERATE, cli_reference_markdown, config_reference_markdown

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import find_mpiexec
+from hpc_sparse.runtime.launcher import find_mpiexec
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = find_mpiexec()

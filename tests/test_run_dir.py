@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import find_mpiexec
+from hpc_sparse.runtime.launcher import find_mpiexec
 from hpc_sparse.runtime import run_lock
 from hpc_sparse.runtime.run_lock import LOCK_NAME, LockRefused, acquire, this_process
 

@@ -37,12 +37,13 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hpc_sparse.runtime.launcher import find_mpiexec
 
 ROOT = Path(__file__).resolve().parents[1]
 NETWORKS = {"fashion-mnist": [784, 1000, 1000, 1000, 10], "D": [784, 95000, 95000, 10]}
@@ -150,8 +151,7 @@ def main() -> None:
         nets[name] = {"widths": widths, "nnz": model.nnz, "step_ms_batch128_1thread": round(step_ms(model), 2),
                       "sync_every": cfg.parallel.sync_every}
         del model
-    beside = Path(sys.executable).with_name("mpiexec")
-    cmd = [str(beside) if beside.exists() else shutil.which("mpiexec") or "mpiexec", "-n", "2", sys.executable,
+    cmd = [find_mpiexec(), "-n", "2", sys.executable,
            "-m", "mpi4py", __file__, "--worker", "--repeats", str(args.repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600,
                           env={**os.environ, "HPC_SPARSE_THREADS": "1"})

@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hpc_sparse.runtime.launcher import find_mpiexec
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -81,13 +83,8 @@ def worker(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps(rows), flush=True)
 
 
-def mpiexec() -> str:
-    beside = Path(sys.executable).with_name("mpiexec")
-    return str(beside) if beside.exists() else shutil.which("mpiexec") or "mpiexec"
-
-
 def measure(ranks: int, dataset: str, cache_dir: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", __file__, "--worker",
+    cmd = [find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", __file__, "--worker",
            "--dataset", dataset, "--cache-dir", cache_dir, "--higgs-dir", str(args.workdir / "higgs"),
            "--higgs-test", str(args.higgs_test)]
     env = {**os.environ, "HPC_SPARSE_THREADS": "1", "OMP_NUM_THREADS": "1"}

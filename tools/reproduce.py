@@ -48,6 +48,8 @@ sys.path.insert(0, str(ROOT))  # a fresh clone works without `pip install -e .` 
 
 from _reproduce_plan import Plan, Run, make_plan, sweep_lines, studies  # noqa: E402
 
+from hpc_sparse.runtime import launcher  # noqa: E402
+
 DEFAULT_CONFIG = "configs/fashion-mnist.toml"
 
 # Cost model for the estimate, measured on this project's 2-core VM with Fashion-MNIST
@@ -77,12 +79,10 @@ def estimate_seconds(run: Run, plan: Plan) -> float:
 
 
 def find_mpiexec() -> str:
-    """The mpiexec beside this interpreter (PyPI's mpich puts it there), else the one on PATH."""
-    here = Path(sys.executable).with_name("mpiexec")
-    found = str(here) if here.exists() else shutil.which("mpiexec")
-    if not found:
-        sys.exit("reproduce: no mpiexec beside the interpreter or on PATH; fix: pip install mpich")
-    return found
+    try:
+        return launcher.find_mpiexec()
+    except RuntimeError as exc:
+        sys.exit(f"reproduce: {exc}")
 
 
 def environment_sets(data_path: str | None) -> list[str]:

@@ -435,7 +435,7 @@ FAULT = textwrap.dedent("""
 @pytest.mark.parametrize("who,method", [("1", "gradients"), ("0", "train_step")])
 def test_a_failing_rank_ends_the_wasap_job_quickly(comm, tmp_path, who, method):
     """A worker failing mid-gradient, or the server failing mid-step, aborts all ranks."""
-    from helpers import find_mpiexec
+    from hpc_sparse.runtime.launcher import find_mpiexec
 
     mpiexec = find_mpiexec()
     if comm.Get_size() > 1:
