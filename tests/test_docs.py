@@ -73,6 +73,86 @@ def test_repo_pages_links_are_rewritten_for_the_site():
                    "[r](results/index.md) [x](https://example.org/a.md) [a](#quickstart) [t](tools/reproduce.py)")
     assert hooks.rewrite_links("[h](../README.md#quickstart)", "jobs/README.md", "jobs.md", docs, ROOT) == \
         "[h](index.md#quickstart)"
+    # a page of docs/ links the way GitHub reads it, too
+    assert hooks.repo_source("running.md", docs, ROOT) == "docs/running.md"
+    assert hooks.repo_source("index.md", docs, ROOT) == "README.md"
+    page = "[j](../jobs/README.md#exit-status) [h](../README.md#quickstart) [w](wasap.md) [p](results/parallel.png)"
+    assert hooks.rewrite_links(page, "docs/running.md", "running.md", docs, ROOT) == \
+        "[j](jobs.md#exit-status) [h](index.md#quickstart) [w](wasap.md) [p](results/parallel.png)"
+    assert hooks.rewrite_links("[p](../performance.md#x) [r](../../README.md)", "docs/results/index.md",
+                               "results/index.md", docs, ROOT) == "[p](../performance.md#x) [r](../index.md)"
+
+
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+_FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+
+
+def _github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of a Markdown file (lower case, punctuation
+    other than '-' and '_' dropped, spaces to '-')."""
+    heads = re.findall(r"^#{1,6} +(.+?) *#*$", _FENCE.sub("", markdown), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def _hand_written_pages() -> list[Path]:
+    generated = set(_load_tool("gen_reference_docs").generated_pages())
+    results = {p for p in (ROOT / "docs" / "results").glob("*.md") if p.name != "index.md"}
+    return [ROOT / "README.md", ROOT / "jobs" / "README.md",
+            *sorted(p for p in (ROOT / "docs").rglob("*.md") if p not in generated | results)]
+
+
+@pytest.mark.parametrize("page", _hand_written_pages(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_links_work_in_the_repository(page):
+    """Read as files (on GitHub, in a checkout), every relative link of a hand-written page
+    points to a file that exists, and a link to a heading of a Markdown file to a heading
+    that exists. (The site build checks the same links after the hook rewrote them.)"""
+    broken = []
+    for target in _LINK.findall(_FENCE.sub("", page.read_text())):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md" and not anchor.startswith("hpc_sparse."):  # API anchors: site only
+            if anchor not in _github_anchors(file.read_text()):
+                broken.append(target)
+    assert not broken, f"{page.relative_to(ROOT)}: links to nothing: {broken}"
+
+
+def test_readme_is_a_front_door():
+    """The README stays short (issue 22): the topics live in docs/, and it links every page."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 260
+    nav_pages = {p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")}
+    nav_pages -= {p for p in nav_pages if p.startswith("results/") and p != "results/index.md"}
+    linked = {t.partition("#")[0].removeprefix("docs/") for t in _LINK.findall(readme)}
+    assert nav_pages <= linked, sorted(nav_pages - linked)
+    assert "jobs/README.md" in linked
+    # the Quickstart's two commands, the same on the installation page
+    quickstart = readme.split("## Quickstart")[1].split("\n## ")[0]
+    commands = re.findall(r"```bash\n(.+?)\n```", quickstart)
+    assert len(commands) == 2 and commands[1] == "bash tools/test_all.sh", commands
+    assert commands[0].startswith("python3 -m venv .venv") and "mpiexec -n 2" in commands[0]
+    installation = (ROOT / "docs" / "installation.md").read_text()
+    assert all(f"```bash\n{c}\n```" in installation for c in commands)
+
+
+def test_results_page_is_dated_by_the_runs_it_includes():
+    """docs/results/index.md includes each study's generated table (``--8<--``, without its
+    heading); its text for the study names the date and commit that tools/reproduce.py
+    recorded, so rerunning the tool without revisiting the text fails here."""
+    page = (ROOT / "docs" / "results" / "index.md").read_text()
+    sections = re.split(r"^## ", page, flags=re.MULTILINE)
+    for meta_file in sorted((ROOT / "docs" / "results").glob("*.json")):
+        meta = json.loads(meta_file.read_text())
+        if "study" not in meta:
+            continue
+        name = meta["study"]
+        generated = (ROOT / "docs" / "results" / f"{name}.md").read_text().splitlines()
+        assert generated[0].startswith("### ") and generated[1] == "", name  # what ":3:" skips
+        section = next(s for s in sections if f'--8<-- "docs/results/{name}.md:3:"' in s)
+        assert meta["date"] in section and f"`{meta['commit']}`" in section, (name, meta["date"], meta["commit"])
 
 
 def test_sphinx_roles_become_optional_cross_references():

@@ -173,8 +173,9 @@ def paper_keep_mask(data: np.ndarray, zeta: float) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", range(8))
 def test_set_threshold_drops_a_subset_of_the_papers_index_formula(seed):
-    """README: ours removes floor(zeta * n) of each sign; the paper's formula also removes the
-    entries equal to its thresholds, 1-3 more per layer and evolution (distinct values)."""
+    """docs/paper-differences.md: ours removes floor(zeta * n) of each sign; the paper's formula
+    also removes the entries equal to its thresholds, 1-3 more per layer and evolution
+    (distinct values)."""
     rng = np.random.default_rng(seed)
     data = rng.uniform(-1, 1, rng.integers(200, 5000)).astype(np.float32)
     ours, paper = set_keep_mask(data, 0.3), paper_keep_mask(data, 0.3)

@@ -2,11 +2,14 @@
 
 The repository's README.md is the site's home page and ``jobs/README.md`` its page on the
 SLURM job scripts. Both stay where readers of the repository expect them (one copy, no
-duplicate under docs/); this hook adds them to the site at build time and rewrites their
-relative links, which are written from the repository's point of view
-(``docs/wasap.md``, ``jobs/README.md``), into links between site pages (``wasap.md``,
-``jobs.md``). A link to a file that is in neither place is left as it is, so that
-``mkdocs build --strict`` reports it.
+duplicate under docs/); this hook adds them to the site at build time.
+
+Every page's relative links are written from the repository's point of view, so that they
+work when the file is read on GitHub or in a checkout: the README links ``docs/wasap.md``
+and ``jobs/README.md``, a page of docs/ links ``../README.md#quickstart`` and
+``../jobs/README.md``. The hook rewrites them into links between site pages (``wasap.md``,
+``jobs.md``, ``index.md#quickstart``). A link to a file that is in neither place (say
+``../tools/reproduce.py``) is left as it is, so that ``mkdocs build --strict`` reports it.
 
 Nothing here touches the network; it only reads files of the checkout.
 """
@@ -72,9 +75,16 @@ def rewrite_links(markdown: str, repo_source: str, page_uri: str, docs_dir: Path
     return _LINK.sub(fix, markdown)
 
 
-def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
+def repo_source(page_uri: str, docs_dir: Path, repo_root: Path) -> str:
+    """The repository path of the file behind a site page: README.md for index.md,
+    docs/running.md for running.md."""
     sources = {uri: src for src, uri in REPO_PAGES.items()}
-    src = sources.get(page.file.src_uri)
-    if src is None:
-        return markdown
-    return rewrite_links(markdown, src, page.file.src_uri, Path(config["docs_dir"]).resolve(), _repo_root(config))
+    if page_uri in sources:
+        return sources[page_uri]
+    return posixpath.join(docs_dir.relative_to(repo_root).as_posix(), page_uri)
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
+    docs_dir, root = Path(config["docs_dir"]).resolve(), _repo_root(config)
+    uri = page.file.src_uri
+    return rewrite_links(markdown, repo_source(uri, docs_dir, root), uri, docs_dir, root)
