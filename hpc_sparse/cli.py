@@ -22,9 +22,7 @@ import sys
 from pathlib import Path
 
 from hpc_sparse import __version__
-from hpc_sparse.errors import UserError
-
-EXIT_USER_ERROR = 2
+from hpc_sparse.errors import EXIT_USER_ERROR, UserError
 
 
 def _parser() -> argparse.ArgumentParser:

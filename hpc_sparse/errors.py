@@ -1,4 +1,9 @@
-"""The one exception type users see: a problem in their input, with the fix in the message."""
+"""The one exception type users see: a problem in their input, with the fix in the message;
+and the exit status it gives."""
+
+EXIT_USER_ERROR = 2
+"""Exit status of a UserError (bad config, data or checkpoint); 75 and 1 are the others
+(``hpc_sparse.runtime.signals.EXIT_REQUEUE``, anything else)."""
 
 
 class UserError(Exception):

@@ -16,11 +16,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from hpc_sparse.errors import UserError
+from hpc_sparse.errors import EXIT_USER_ERROR, UserError
 
 T = TypeVar("T")
 
-EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
 
 

@@ -151,7 +151,7 @@ class WasapSchedule:
                             f"{engine.progress.step} of the asynchronous phase: checkpoint written; exiting with "
                             f"status {EXIT_REQUEUE} so the job script requeues")
             return True
-        wp.allreduce_sum(engine.comm, stats)
+        pc.allreduce_sum_polled(engine.comm, stats, "the workers' statistics")
         share_progress(engine)
         if engine.size > 1:
             engine.log.info(f"workers: {stats[0]:.1f}s computing gradients, {stats[1]:.1f}s waiting for replies "
@@ -165,5 +165,5 @@ def _share_history(engine: Engine) -> None:
     (the asynchronous phase's lines exist only there) and progress."""
     pc.check_agreement(engine.comm, *all_arrays(engine.model), what="final model")
     text = json.dumps(engine.history).encode() if engine.rank == 0 else None
-    engine.history[:] = json.loads(wp.bcast_bytes(engine.comm, text).decode())
+    engine.history[:] = json.loads(pc.bcast_bytes(engine.comm, text).decode())
     share_progress(engine)

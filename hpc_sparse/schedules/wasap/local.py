@@ -27,6 +27,7 @@ import scipy.sparse as sp
 
 from hpc_sparse.data import batch_indices, block_bounds, epoch_permutation
 from hpc_sparse.engine import Engine
+from hpc_sparse.parallel import comm as pc
 from hpc_sparse.parallel import wasap as wp
 from hpc_sparse.schedules.wasap.codec import install, model_shapes, pack_floats, pack_indices, unpack_layers
 from hpc_sparse.schedules.wasap.snapshot import WasapRun, save_local
@@ -61,7 +62,7 @@ class LocalPhase:
         rank 0's save clock due). Returns (figures, stop, save due)."""
         e = self.e
         flags = [float(e.stop.requested), float(e.rank == 0 and e.save_time_due())]
-        red = wp.allreduce_sum(e.comm, np.array([*epoch_end, *flags], np.float64), what="the other ranks' flags")
+        red = pc.allreduce_sum_polled(e.comm, np.array([*epoch_end, *flags], np.float64), "the other ranks' flags")
         stop, due = bool(red[-2]), bool(red[-1]) or e.save_steps_due()
         return red[:-2], stop, due
 

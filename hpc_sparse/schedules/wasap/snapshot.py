@@ -20,6 +20,7 @@ import numpy as np
 
 from hpc_sparse.engine import MODEL_PREFIX, Engine, Progress
 from hpc_sparse.model_builder import model_rank_arrays
+from hpc_sparse.parallel import comm as pc
 from hpc_sparse.parallel import wasap as wp
 from hpc_sparse.schedules.wasap.codec import full_model_header, install
 from hpc_sparse.sparse import SGD
@@ -48,7 +49,7 @@ def server_snapshot(engine: Engine, run: WasapRun, stop: bool, version: int, asy
     """Rank 0's side of an asynchronous-phase checkpoint (every worker held): broadcast the
     decision, the progress and the model, save collectively. Returns ``stop``."""
     info = {"stop": bool(stop), "progress": asdict(engine.progress)}
-    wp.bcast_bytes(engine.comm, json.dumps(info).encode())
+    pc.bcast_bytes(engine.comm, json.dumps(info).encode())
     if engine.size > 1:
         h, floats, ints = full_model_header(engine.model, version=version)
         wp.bcast_from_root(engine.comm, len(engine.model.layers), h, floats, ints)
@@ -59,7 +60,7 @@ def server_snapshot(engine: Engine, run: WasapRun, stop: bool, version: int, asy
 def worker_snapshot(engine: Engine, run: WasapRun) -> tuple[bool, int]:
     """A worker's side of :func:`server_snapshot`: take the progress and the server's model,
     save with everyone. Returns (stop, the topology version of the model it now holds)."""
-    info = json.loads(wp.bcast_bytes(engine.comm, None).decode())
+    info = json.loads(pc.bcast_bytes(engine.comm, None).decode())
     set_progress(engine.progress, info["progress"])
     msg = wp.bcast_from_root(engine.comm, len(engine.model.layers), None, None, None)
     install(engine.model, msg.header, msg.floats, msg.ints)
@@ -90,4 +91,4 @@ def set_progress(p: Progress, values: dict[str, Any]) -> None:
 def share_progress(engine: Engine) -> None:
     """Every rank takes rank 0's progress (collective)."""
     text = json.dumps(asdict(engine.progress)).encode() if engine.rank == 0 else None
-    set_progress(engine.progress, json.loads(wp.bcast_bytes(engine.comm, text).decode()))
+    set_progress(engine.progress, json.loads(pc.bcast_bytes(engine.comm, text).decode()))
