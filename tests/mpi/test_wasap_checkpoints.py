@@ -23,7 +23,7 @@ MPI = pytest.importorskip("mpi4py.MPI")
 
 from hpc_sparse.config import load_config  # noqa: E402
 from hpc_sparse.runtime.signals import EXIT_REQUEUE  # noqa: E402
-from hpc_sparse.schedules.wasap.local import LocalPhase  # noqa: E402
+from hpc_sparse.schedules.wasap.local import LocalPlan  # noqa: E402
 from hpc_sparse.schedules.wasap.server import Server  # noqa: E402
 from hpc_sparse.schedules.wasap.worker import Worker  # noqa: E402
 from hpc_sparse.train import Trainer  # noqa: E402
@@ -92,7 +92,7 @@ def _check_resumed(comm, reference, tr, statuses, stopped_phase, phase):
 @pytest.mark.parametrize("phase,cls,method,who,call", [
     ("async", Server, "own_step", 0, 20),  # rank 0 (server) is asked to stop in phase 1
     ("async", Worker, "compute", 1, 5),  # only a worker is asked: it tells the server (FLAG_STOP)
-    ("local", LocalPhase, "agree", 0, 1),  # rank 0, at the first agreement point of phase 2
+    ("local", LocalPlan, "meet", 0, 1),  # rank 0, at the first meeting point of phase 2
 ])
 def test_stop_checkpoints_its_phase_exits_75_and_resume_continues(comm, run_dir, reference, phase, cls, method,
                                                                   who, call):
