@@ -472,6 +472,20 @@ def test_failure_on_one_rank_aborts_the_save_everywhere(tmp_path, monkeypatch):
     assert sorted(p.name for p in checkpoint_dir(tmp_path).iterdir()) == ["step-000000001"]
 
 
+def test_a_rank_passing_other_meta_aborts_the_save_everywhere(tmp_path):
+    """Every rank must pass the same meta (rank 0's is written); a rank whose meta differs
+    (as WASAP-SGD's workers' once did) is a bug that nothing may commit silently."""
+    def body(c):
+        meta = {**META, "history": [] if c.rank == 2 else [{"epoch": 1}]}
+        return save_checkpoint(c, tmp_path, 1, make_state(), meta)
+
+    results = run_ranks(3, body)
+    for exc in results:
+        assert isinstance(exc, CheckpointError), exc
+        assert "failed on rank 2" in str(exc) and "differs from rank 0's in history" in str(exc)
+    assert not checkpoint_dir(tmp_path).exists() or list(checkpoint_dir(tmp_path).iterdir()) == []
+
+
 def test_bad_rank_state_on_one_rank_aborts_everywhere(tmp_path):
     def body(c):
         rank_state = {"x": np.array(["s"])} if c.rank == 2 else {"x": np.zeros(1)}

@@ -5,11 +5,14 @@ The communicator is passed in and only used through mpi4py's interface (``rank``
 ``allgather``, ``bcast``, ``Barrier``); this package never imports mpi4py, so a size-1 stand-in
 works too. Weight arrays never travel through MPI here: every rank already holds the full
 replica and writes its own part of it straight to HDF5. Only short status tuples (error text,
-checksum, size) are exchanged, with the pickle-based lowercase collectives.
+checksum, size, digests of the meta, which every rank must pass alike) are exchanged, with
+the pickle-based lowercase collectives.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -200,29 +203,40 @@ class _Save:
     def cleanup(self) -> None:
         _remove(self.tmp)
 
-    def agree(self, error: str | None) -> list:
-        """Every rank's error (one allgather); all ranks raise the same error if any failed."""
-        errors = self.comm.allgather(error)
-        _raise_if_failed(self.comm, errors, self.where, self.fix, self.cleanup)
-        return errors
+
+def _digests(meta: dict[str, Any]) -> dict[str, str]:
+    """A short SHA-256 of each top-level entry of ``meta`` (JSON, sorted keys)."""
+    return {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for k, v in meta.items()}
+
+
+def _meta_differs(mine: dict[str, str] | None, first: dict[str, str] | None) -> str | None:
+    """The error of a rank whose meta is not rank 0's (entries compared by digest), else None."""
+    if mine is None or first is None or mine == first:
+        return None
+    keys = sorted(k for k in set(mine) | set(first) if mine.get(k) != first.get(k))
+    return (f"its meta differs from rank 0's in {', '.join(keys)}, and every rank must pass the same meta; fix: "
+            "report this bug (the caller builds the meta differently on different ranks)")
 
 
 def _prepare(save: _Save, state: Mapping[str, Any], meta: dict, rank_state: Mapping[str, Any] | None
              ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, dict[str, Any]] | None]:
-    """Phase 1: validate the inputs on every rank (``rank_state`` differs per rank); rank 0
-    makes the tmp folder. Returns the specs of ``state``, the JSON of ``meta`` and the specs
-    of ``rank_state``."""
-    error, out = None, None
+    """Phase 1: validate the inputs on every rank (``rank_state`` differs per rank) and check
+    that every rank passed rank 0's meta; rank 0 makes the tmp folder. Returns the specs of
+    ``state``, the JSON of ``meta`` and the specs of ``rank_state``."""
+    error, out, digests = None, None, None
     try:
         out = (fmt.describe_state(state), fmt.meta_to_jsonable(meta),
                None if rank_state is None else fmt.describe_state(rank_state, "rank_state"))
+        digests = _digests(out[1])
         if save.comm.rank == 0:
             save.ckdir.mkdir(parents=True, exist_ok=True)
             _remove(save.tmp)  # leftovers of an interrupted attempt at this same step
             save.tmp.mkdir()
     except Exception as exc:  # noqa: BLE001 - reported collectively, re-raised below
         error = error_text(exc)
-    save.agree(error)
+    gathered = save.comm.allgather((error, digests))
+    errors = [e or _meta_differs(d, gathered[0][1]) for e, d in gathered]
+    _raise_if_failed(save.comm, errors, save.where, save.fix, save.cleanup)
     assert out is not None
     return out
 
