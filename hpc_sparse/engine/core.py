@@ -201,8 +201,8 @@ class Engine:
                    "best_test_accuracy": max((h["test_accuracy"] for h in self.history), default=None)}
         self.log.write_json("summary.json", summary)
         if self._late_stop:
-            self.log.info(f"stop signal ({self.stop.signal_name or 'on another rank'}) arrived as training "
-                          "completed: finishing (status 0) instead of requeueing")
+            self.log.info(f"stop signal ({self._stop_name()}) arrived as training completed: finishing (status 0) "
+                          "instead of requeueing")
         self.log.info(f"done: test_accuracy {last.get('test_accuracy', float('nan')):.4f}, "
                       f"model_sha256 {summary['model_sha256'][:16]}..., summary in {self.run_dir / 'summary.json'}")
 
@@ -328,12 +328,15 @@ class Engine:
         if agreement.stop:
             if p.last_save_step != p.step:
                 self.save(checkpoint)
-            self.log.info(f"stop signal ({self.stop.signal_name or 'on another rank'}) handled at step {p.step}: "
-                          f"checkpoint written; exiting with status {EXIT_REQUEUE} so the job script requeues")
+            self.log.info(f"stop signal ({self._stop_name()}) handled at step {p.step}: checkpoint written; exiting "
+                          f"with status {EXIT_REQUEUE} so the job script requeues")
             return EXIT_REQUEUE
         if agreement.save_due:
             self.save(checkpoint)
         return None
+
+    def _stop_name(self) -> str:
+        return self.stop.signal_name or "on another rank"
 
     # -------------------------------------------------------------- checkpoints
     def seconds_since_save(self) -> float:

@@ -116,6 +116,10 @@ def test_every_steps_checkpoints_both_phases_and_each_resumes(comm, run_dir, ref
     train(comm, run_dir / "full", cfg)
     saved = manifests(run_dir / "full")
     phases = [m["meta"]["schedule_state"]["phase"] for m in saved]
+    local = [m for m in saved if m["meta"]["schedule_state"]["phase"] == "local"]
+    # a local-phase checkpoint: every rank's own model in its own shard, its weights as CSR
+    per_rank = bool(local) and all(not m["arrays"] and len(m["shards"]) == comm.size and all(
+        sh["rank_state"]["model/layers/0/W"]["kind"] == "csr" for sh in m["shards"]) for m in local)
     results = []
     for phase in ("async", "local"):
         pick = [m for m in saved if m["meta"]["schedule_state"]["phase"] == phase][0]
@@ -129,7 +133,7 @@ def test_every_steps_checkpoints_both_phases_and_each_resumes(comm, run_dir, ref
         status, tr = train(comm, d, cfg, str(d / "checkpoints" / src.name))
         aside = sorted(p.name for p in (d / "checkpoints").iterdir() if ".abandoned-" in p.name)
         results.append((status, comm.allgather(tr.model.sha256()), tr.history[-1]["test_accuracy"], aside))
-    assert phases[0] == "async" and "local" in phases and phases[-1] == "done"
+    assert phases[0] == "async" and "local" in phases and phases[-1] == "done" and per_rank
     for status, shas, acc, aside in results:
         assert status == 0 and len(set(shas)) == 1
         assert aside  # the newer checkpoints of the abandoned line are kept, renamed
@@ -202,3 +206,46 @@ def test_every_seconds_checkpoints_both_phases(comm, run_dir, monkeypatch):
     phases = [m["meta"]["schedule_state"]["phase"] for m in manifests(run_dir)]
     assert statuses == [0] * comm.size and len(set(shas)) == 1
     assert "async" in phases and "local" in phases and phases[-1] == "done"
+
+
+class StopWhen:
+    """A stop flag that reads as requested on rank ``rank`` once ``when(progress)`` holds, as
+    if SIGUSR1 had arrived then; its handlers are real (install/restore)."""
+
+    def __init__(self, ref: list, rank: int, when):
+        from hpc_sparse.runtime.signals import StopFlag
+
+        self.flag, self.ref, self.rank, self.when = StopFlag(), ref, rank, when
+
+    def __getattr__(self, name):
+        return getattr(self.flag, name)
+
+    @property
+    def requested(self) -> bool:
+        t = self.ref[0]
+        return t.rank == self.rank and self.when(t.progress)
+
+
+@pytest.mark.parametrize("fraction", ["0.5", "1.0"])
+def test_a_stop_as_training_completes_finishes_as_in_sync_mode(comm, run_dir, fraction):
+    """The engine's one rule (issue 18, defect 7, for every schedule): a stop that the ranks
+    see once the run is complete finishes it with status 0 and summary.json. Here: at the
+    last epoch's end (local phase), or on rank 0 after the last update of an all-asynchronous
+    run (the server used to hold the workers for it and exit 75)."""
+    from hpc_sparse.data import steps_per_epoch
+
+    cfg = config(f"parallel.async_fraction={fraction}")
+    spe = steps_per_epoch(600, comm.size, 16)
+    if fraction == "0.5":
+        rank, when = comm.size - 1, lambda p: p.epoch == 3 and p.step_in_epoch == spe  # the last epoch's end
+    else:
+        rank, when = 0, lambda p: p.epoch == 4
+    ref: list = []
+    t = Trainer(cfg, comm, run_dir, quiet=True, stop=StopWhen(ref, rank, when))
+    ref.append(t)
+    status = t.run()
+    statuses = comm.allgather(status)
+    comm.Barrier()
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    assert statuses == [0] * comm.size
+    assert summary.get("epochs_completed") == 4
