@@ -11,6 +11,9 @@ Used by :class:`hpc_sparse.engine.core.Engine` (this module does not know the en
 2. The config must keep the seed (other differences are logged); the schedule must be the
    one that wrote it; the schedule checks the rest (``check_resume``: e.g. sync rescales
    the position for another rank count or batch size, WASAP-SGD refuses those mid-run).
+   These checks and the model's construction (a replica, or this rank's own model:
+   :mod:`~hpc_sparse.engine.rank_models`) are agreed: a refusal on any rank is raised on
+   every rank.
 3. After loading, the ranks prove they hold the same progress and (replica) model, and rank
    0 checks the model against the ``model_sha256`` recorded at save time; any mismatch
    stops every rank with an error.
