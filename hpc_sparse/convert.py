@@ -229,8 +229,10 @@ def run_convert(comm: Any, req: ConvertRequest, quiet: bool = False) -> dict[str
               "phase": f"converted to {req.structure} {req.n}:{req.m} ({method})", "test_loss": after_loss,
               "test_accuracy": after_acc, "nnz": model.nnz, "neurons": model.hidden_neurons,
               "widths": list(model.widths), "ranks": comm.Get_size()}
-    path = save_checkpoint(comm, req.out, step, model.state_dict(), _meta(cfg2, meta, model, conversion, record),
-                           keep=cfg2.checkpoint.keep)
+    # rank 0's report (its timings, date and host) is the one every rank saves and writes
+    conversion = comm.bcast(conversion if rank == 0 else None, root=0)
+    new_meta = comm.bcast(_meta(cfg2, meta, model, conversion, record) if rank == 0 else None, root=0)
+    path = save_checkpoint(comm, req.out, step, model.state_dict(), new_meta, keep=cfg2.checkpoint.keep)
     log.info(f"checkpoint {path} written")
     if rank == 0:
         (req.out / "config.json").write_text(cfg2.to_json() + "\n")
