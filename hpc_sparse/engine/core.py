@@ -211,6 +211,10 @@ class Engine:
         return self.progress.complete(self.cfg.train.epochs, self.cfg.train.max_steps)
 
     # ---------------------------------------------------------------- training
+    def train_epochs(self, plan: Plan) -> int:
+        """The step loop over ``plan`` (:func:`~hpc_sparse.engine.loop.train_epochs`)."""
+        return train_epochs(self, plan)
+
     def train_batch(self, idx: np.ndarray, epoch: int, dropout_step: int, sgd: SGD, owner: int | None = None
                     ) -> StepResult | None:
         """One training step of this rank's model on samples ``idx`` of 0-based ``epoch``
@@ -291,10 +295,6 @@ class Engine:
             raise UserError(diverged(f"in epoch {entry['epoch']}", self.cfg.train.lr), every_rank=shared)
 
     # ---------------------------------------------------------- meeting points
-    def train_epochs(self, plan: Plan) -> int:
-        """The step loop over ``plan`` (:func:`~hpc_sparse.engine.loop.train_epochs`)."""
-        return train_epochs(self, plan)
-
     def agree(self, nonfinite: bool = False, figures: tuple[float, ...] = (), polled: bool = False) -> Agreement:
         """The ranks' agreement at a meeting point (:func:`~hpc_sparse.engine.agreement.agree`):
         this rank's stop flag, whether a checkpoint is due (``checkpoint.every_steps``, or

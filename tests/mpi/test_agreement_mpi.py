@@ -4,7 +4,6 @@ give the same fields."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 pytest.importorskip("mpi4py.MPI")
