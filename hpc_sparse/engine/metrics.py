@@ -24,9 +24,6 @@ class Traffic:
     bytes_per_sync: int
     """float32 bytes each rank reduces per sync point."""
 
-    def details(self, ranks: int) -> str:
-        return f", comm {100 * self.comm_share:.1f}%, {self.bytes_per_sync:,} B/sync" if ranks > 1 else ""
-
 
 @dataclass(frozen=True)
 class AsyncFigures:
@@ -43,9 +40,6 @@ class AsyncFigures:
     bytes_per_update: float
     """Message bytes rank 0 sent and received per update."""
 
-    def details(self, ranks: int) -> str:
-        return f", {self.updates} updates, {self.stale_updates} stale, {self.dropped_updates} dropped"
-
 
 @dataclass(frozen=True)
 class MergeFigures:
@@ -57,9 +51,6 @@ class MergeFigures:
     local_test_loss: float
     """The local models' test figures just before the merge (each rank's on its block, summed)."""
     local_test_accuracy: float
-
-    def details(self, ranks: int) -> str:
-        return f", merged; the local models had test_acc {self.local_test_accuracy:.4f}"
 
 
 @dataclass(frozen=True)
@@ -104,7 +95,15 @@ class EpochRecord:
 
     def details(self) -> str:
         """The log line's schedule-specific ending."""
-        return "".join(g.details(self.ranks) for g in (self.traffic, self.asynchronous, self.merge) if g is not None)
+        out = ""
+        if self.traffic is not None and self.ranks > 1:
+            out += f", comm {100 * self.traffic.comm_share:.1f}%, {self.traffic.bytes_per_sync:,} B/sync"
+        if self.asynchronous is not None:
+            a = self.asynchronous
+            out += f", {a.updates} updates, {a.stale_updates} stale, {a.dropped_updates} dropped"
+        if self.merge is not None:
+            out += f", merged; the local models had test_acc {self.merge.local_test_accuracy:.4f}"
+        return out
 
 
 def describe(entry: dict[str, Any], details: str, epochs: int) -> str:

@@ -208,30 +208,14 @@ def test_every_seconds_checkpoints_both_phases(comm, run_dir, monkeypatch):
     assert "async" in phases and "local" in phases and phases[-1] == "done"
 
 
-class StopWhen:
-    """A stop flag that reads as requested on rank ``rank`` once ``when(progress)`` holds, as
-    if SIGUSR1 had arrived then; its handlers are real (install/restore)."""
-
-    def __init__(self, ref: list, rank: int, when):
-        from hpc_sparse.runtime.signals import StopFlag
-
-        self.flag, self.ref, self.rank, self.when = StopFlag(), ref, rank, when
-
-    def __getattr__(self, name):
-        return getattr(self.flag, name)
-
-    @property
-    def requested(self) -> bool:
-        t = self.ref[0]
-        return t.rank == self.rank and self.when(t.progress)
-
-
 @pytest.mark.parametrize("fraction", ["0.5", "1.0"])
 def test_a_stop_as_training_completes_finishes_as_in_sync_mode(comm, run_dir, fraction):
     """The engine's one rule (issue 18, defect 7, for every schedule): a stop that the ranks
     see once the run is complete finishes it with status 0 and summary.json. Here: at the
     last epoch's end (local phase), or on rank 0 after the last update of an all-asynchronous
     run (the server used to hold the workers for it and exit 75)."""
+    from helpers import run_with_stop
+
     from hpc_sparse.data import steps_per_epoch
 
     cfg = config(f"parallel.async_fraction={fraction}")
@@ -240,12 +224,6 @@ def test_a_stop_as_training_completes_finishes_as_in_sync_mode(comm, run_dir, fr
         rank, when = comm.size - 1, lambda p: p.epoch == 3 and p.step_in_epoch == spe  # the last epoch's end
     else:
         rank, when = 0, lambda p: p.epoch == 4
-    ref: list = []
-    t = Trainer(cfg, comm, run_dir, quiet=True, stop=StopWhen(ref, rank, when))
-    ref.append(t)
-    status = t.run()
-    statuses = comm.allgather(status)
-    comm.Barrier()
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    statuses, summary, _ = run_with_stop(comm, cfg, run_dir, {rank}, when)
     assert statuses == [0] * comm.size
     assert summary.get("epochs_completed") == 4
