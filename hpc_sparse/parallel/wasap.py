@@ -24,7 +24,6 @@ from hpc_sparse.parallel.wasap_header import (  # noqa: F401 - re-exported for t
     FLAG_STOP,
     GRAD,
     HOLD,
-    KIND_NAMES,
     MERGE,
     MODEL,
     Header,
