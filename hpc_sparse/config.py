@@ -6,7 +6,7 @@ range raise :class:`~hpc_sparse.errors.UserError` naming the key and the fix,
 before any training starts.
 
 Every field's ``help`` metadata is its documentation; ``hpc-sparse config-help``
-and the README table are generated from it.
+and the configuration reference (docs/configuration-reference.md, by tools/gen_reference_docs.py) are generated from it.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class TopologyConfig:
                                         "every block of nm_m consecutive inputs) | nm_transposable (also at "
                                         "most nm_n per input neuron in every block of nm_m consecutive "
                                         "outputs: each nm_m x nm_m block has <= nm_n per row and column). "
-                                        "model.epsilon still sets the nnz; N:M is a cap (see README)",
+                                        "model.epsilon still sets the nnz; N:M is a cap (see docs/structured-sparsity.md)",
                         choices=("unstructured", "nm", "nm_transposable"))
     nm_n: int = _f(2, "N of N:M: non-zeros allowed per block (1 <= nm_n < nm_m); used when structure is "
                       "nm or nm_transposable", min=1)

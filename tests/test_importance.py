@@ -161,7 +161,7 @@ def test_the_engine_regrows_a_pruned_layer_at_the_configured_scale(tmp_path):
 
 
 def paper_keep_mask(data: np.ndarray, zeta: float) -> np.ndarray:
-    """The paper's index formula (PAPER.md §1), with a full sort, as a reference."""
+    """The paper's index formula (the paper's code, set_mlp_sequential.py), with a full sort, as a reference."""
     v = np.sort(data)
     n = v.size
     closest = np.abs(v)

@@ -22,7 +22,7 @@ ENVIRONMENT_KEYS = {("data", "path"), ("data", "test_path"), ("train", "threads"
                     ("checkpoint", "every_steps"), ("checkpoint", "every_seconds"), ("checkpoint", "keep"),
                     ("checkpoint", "at_end")}
 
-# PAPER.md §3: the parallel code prunes neurons with q = 10 when epoch % 20 == 0 and epoch > 200
+# the paper's parallel code (wasap_sgd/train/model.py) prunes neurons with q = 10 when epoch % 20 == 0 and epoch > 200
 # (0-based), in runs of E ~ 500 epochs (an inference from the schedule and the code's history).
 PAPER_EPOCHS, PAPER_PRUNE_START, PAPER_PRUNE_EVERY, PAPER_PRUNE_Q = 500, 200, 20, 10
 

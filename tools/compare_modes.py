@@ -37,7 +37,7 @@ from hpc_sparse.runtime.launcher import find_mpiexec
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "fashion-mnist.toml"
-# the paper's Fashion-MNIST setup (PAPER.md §5), used when configs/fashion-mnist.toml is absent
+# the paper's Fashion-MNIST setup (the paper's code; docs/paper-differences.md), used when configs/fashion-mnist.toml is absent
 PAPER_SETUP = ['data.name="fashion-mnist"', "model.layers=[784,1000,1000,1000,10]", "model.epsilon=20",
                'model.activation="allrelu"', "model.alpha=0.6", 'model.init="he_uniform"', "model.dropout=0.3",
                "train.lr=0.01", "train.batch_size=128"]

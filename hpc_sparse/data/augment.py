@@ -1,7 +1,7 @@
 """Counter-based image augmentation: random shifts and horizontal flips of training batches.
 
 The paper's code augmented CIFAR-10 with Keras' ImageDataGenerator (width/height shift 0.1,
-horizontal flip, rotation 10 degrees; PAPER.md §7), drawing from a global RNG, so a resumed
+horizontal flip, rotation 10 degrees; the paper's code, docs/paper-differences.md), drawing from a global RNG, so a resumed
 run saw different images. Here each sample's transform is a pure function of
 ``(seed, epoch, sample index)``: the same sample in the same epoch gets the same shift and
 flip on any rank, in any batch, before or after a resume, at any rank count.

@@ -2,7 +2,7 @@
 
 :func:`published_recipe` names the files (see :mod:`.cifar10`, :mod:`.madelon`,
 :mod:`.higgs`) and builds the arrays: train/test split and the paper's preprocessing
-(PAPER.md §7), per-feature standardisation with the training mean and std, for all three.
+(the paper's code; docs/paper-differences.md), per-feature standardisation with the training mean and std, for all three.
 :func:`load_published` builds them into memory, without the cache.
 """
 

@@ -41,7 +41,7 @@ class TopologyUpdate:
 
 def configured_shapes(cfg: Config) -> list[tuple[int, int]]:
     """The (n_in, n_out) of every weight matrix as configured: SET draws regrown values for
-    these shapes, whatever importance pruning has removed since (README, "Where this differs")."""
+    these shapes, whatever importance pruning has removed since (docs/paper-differences.md)."""
     w = cfg.model.layers
     return list(zip(w[:-1], w[1:]))
 

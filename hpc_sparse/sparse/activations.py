@@ -55,7 +55,7 @@ def hidden_activations(name: str, alpha: float, n_hidden: int) -> list[Activatio
     """The activation of each of ``n_hidden`` hidden layers for a config name.
 
     ``allrelu`` alternates the sign of the negative slope: hidden layer k (1-based) gets
-    ``-alpha`` if k is odd and ``+alpha`` if k is even (paper §All-ReLU; PAPER.md §2).
+    ``-alpha`` if k is odd and ``+alpha`` if k is even (the paper's All-ReLU; its code's ``AlternatedLeftReLU``).
     """
     out = []
     for k in range(1, n_hidden + 1):

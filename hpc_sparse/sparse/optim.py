@@ -14,7 +14,7 @@ class SGD:
     """``v <- (mu*v - lr*weight_decay*w) - lr*g``; ``w <- w + v`` (Nesterov: ``w + mu*v - lr*(g + weight_decay*w)``).
 
     Weight decay is the usual coupled L2 term (as PyTorch's SGD), not the paper code's
-    ``w <- w - lambda*w`` unscaled by lr (see README: at lambda=2e-4 that form shrinks the
+    ``w <- w - lambda*w`` unscaled by lr (see docs/paper-differences.md: at lambda=2e-4 that form shrinks the
     weights ~9% per Fashion-MNIST epoch and measured lower accuracy). Biases use the same
     rule. ``lr`` may be changed between steps.
 

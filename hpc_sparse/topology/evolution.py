@@ -1,6 +1,6 @@
 """SET topology evolution: prune the weakest fraction zeta of a layer, regrow as many.
 
-Prune rule (SET; PAPER.md §1, from the paper's code): among the negative weights remove
+Prune rule (SET, from the paper's code; docs/paper-differences.md): among the negative weights remove
 the ``floor(zeta * n_neg)`` closest to zero (the largest negatives), among the positive
 weights the ``floor(zeta * n_pos)`` closest to zero (the smallest positives); exact zeros
 are always removed. This is not a global |w| ranking: each sign loses the same fraction.

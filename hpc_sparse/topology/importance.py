@@ -1,6 +1,6 @@
 """Importance pruning of hidden neurons (Curci, Mocanu, Pechenizkiy 2021).
 
-Metric (PAPER.md §3, from the paper's code ``wasap_sgd/train/model.py``): the importance
+Metric (from the paper's code, ``wasap_sgd/train/model.py``): the importance
 of neuron j of hidden layer k is the absolute sum of its incoming weights,
 ``I_j = sum_i |W^k_ij|`` (a column sum of the layer's weight). Neurons with
 ``I_j <= t``, t being the q-th percentile (numpy, linear interpolation) of I over the
