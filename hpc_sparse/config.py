@@ -91,6 +91,11 @@ class TrainConfig:
     block_columns: int = _f(0, "cache blocking: output columns per block (0 = automatic: a block's "
                                "rows fill a quarter of the last-level cache, with at least 2 entries "
                                "per input row and block on average)", min=0)
+    activation_dtype: str = _f("float32", "how activations, pre-activations and deltas are stored between "
+                                          "the kernels: float32 | bfloat16 (half the bytes per gathered or "
+                                          "streamed row; every product and sum is still accumulated in "
+                                          "float32, and weights, momentum, biases and checkpoints stay float32)",
+                               choices=("float32", "bfloat16"))
 
 
 @dataclass
