@@ -70,38 +70,65 @@ def row_sums(x, out):  # pragma: no cover - numba
 
 
 @njit(inline="always", **_OPTS)
-def _finish_delta_row(o, ac0, out, zinfo, i, c0, c1, kind, slope, scale, key, threshold):  # pragma: no cover
-    """out[i, c0:c1] = o[ac0:ac0 + n] * f'(z[i, c0:c1]) [* mask * scale], stored in out's dtype;
-    returns the float32 sum of the stored values before rounding (the bias gradient part).
-    ``threshold > 0``: dropout, the mask recomputed from its hash with the forward pass's key."""
+def _finish_delta_row(o, out, zinfo, i, c0, kind, slope, scale, key, threshold):  # pragma: no cover - numba
+    """out[i, c0:c0 + n] = o * f'(z[i, c0:c0 + n]) [* mask * scale], stored in out's dtype, for
+    the float32 row slice o (n samples; out's own row slice when out is float32); returns the
+    float32 sum of the values before they are stored (the bias gradient part).
+    ``threshold > 0``: dropout, the mask recomputed from its hash with the forward pass's key.
+    Two passes over the row, each simple enough for LLVM to vectorise: f'(z) into o in place
+    (from a sign bit: a multiply by 1 or slope), then the mask and the store. Slices, not
+    offsets: an index LLVM cannot prove non-negative keeps numba's wrap-around test in the loop."""
+    n = o.shape[0]
+    if kind != 0:
+        for t in range(n):
+            o[t] = o[t] * derivative(kind, slope, z_value(zinfo, i, c0 + t))
+    else:
+        _times_slope_where_negative(o, zinfo, i, c0, slope)
     s = np.float32(0.0)
     zero = np.float32(0.0)
-    nb = out.shape[1]
-    orow = out[i]
-    base = i * nb
-    n = c1 - c0
-    if kind == 0 and threshold > 0:  # the common cases get loops of their own, for LLVM
-        for t in range(n):
-            b = c0 + t
-            g = o[ac0 + t] * slope if z_negative(zinfo, i, b) else o[ac0 + t]
-            g = g * scale if keep(key, base + b, threshold) else zero
-            orow[b] = stored(g, out)
-            s += g
-    elif kind == 0:
-        for t in range(n):
-            b = c0 + t
-            g = o[ac0 + t] * slope if z_negative(zinfo, i, b) else o[ac0 + t]
-            orow[b] = stored(g, out)
-            s += g
+    base = i * out.shape[1] + c0
+    if out.itemsize == o.itemsize:  # float32: o is out's row slice itself, finished in place
+        if threshold > 0:
+            for t in range(n):
+                g = o[t] * scale if keep(key, base + t, threshold) else zero
+                o[t] = g
+                s += g
+        else:
+            for t in range(n):
+                s += o[t]
     else:
-        for t in range(n):
-            b = c0 + t
-            g = o[ac0 + t] * derivative(kind, slope, z_value(zinfo, i, b))
-            if threshold > 0:
-                g = g * scale if keep(key, base + b, threshold) else zero
-            orow[b] = stored(g, out)
-            s += g
+        orow = out[i, c0:c0 + n]
+        if threshold > 0:
+            for t in range(n):
+                g = o[t] * scale if keep(key, base + t, threshold) else zero
+                orow[t] = stored(g, out)
+                s += g
+        else:
+            for t in range(n):
+                g = o[t]
+                orow[t] = stored(g, out)
+                s += g
     return s
+
+
+@njit(inline="always", **_OPTS)
+def _times_slope_where_negative(o, zinfo, i, c0, slope):  # pragma: no cover - numba
+    """o[t] *= slope where z[i, c0 + t] < 0, from the sign bits (a whole byte at a time while
+    the samples are aligned to bytes)."""
+    n = o.shape[0]
+    t = 0
+    if c0 % 8 == 0:  # a counted loop: LLVM vectorises this form, not a while loop
+        zb = zinfo[i, c0 // 8:]
+        for g in range(n // 8):
+            byte = np.uint32(zb[g])
+            for u in range(8):
+                x = o[8 * g + u]
+                o[8 * g + u] = x * slope if (byte >> np.uint32(u)) & np.uint32(1) else x
+        t = n // 8 * 8
+    while t < n:
+        if z_negative(zinfo, i, c0 + t):
+            o[t] = o[t] * slope
+        t += 1
 
 
 @njit(inline="always", **_OPTS)
@@ -202,7 +229,7 @@ def _block_row(i, q, n_blocks, seg, indices, data, velocity, gacc, delta, a_prev
         _row(i, k, hi, indices, data, velocity, gacc, delta, a_prev, acc, ac0, c0, c1, with_out, first, last,
              update, lr, mu, lrd, nesterov)
     if with_out and q == n_blocks - 1:
-        s = _finish_delta_row(acc[i], ac0, out, zinfo, i, c0, c1, kind, slope, scale, key, threshold)
+        s = _finish_delta_row(acc[i, ac0:ac0 + c1 - c0], out, zinfo, i, c0, kind, slope, scale, key, threshold)
         gbias[i] = s if first else gbias[i] + s
 
 
@@ -216,7 +243,7 @@ def backward_act_sgd(seg, n_blocks, indices, data, velocity, gacc, delta, a_prev
     a_prev and out each float32 or bfloat16 bits. zinfo: what the forward pass kept of the
     layer below's z (:func:`kernels_elementwise.put_z`); ``key``, ``threshold`` and ``scale``
     its dropout (threshold 0: none). acc: float32 accumulator of the sums over the column
-    blocks, (n_in, B) (may be ``out`` itself when that is float32) or (n_in, chunk). out
+    blocks: ``out`` itself when that is float32, else (n_in, B) or (n_in, chunk). out
     receives dL/dz of the layer below, gbias (n_in,) its bias gradient. gacc (nnz,) is scratch
     for Nesterov over several chunks (else unused, may be empty).
     """

@@ -119,14 +119,14 @@ def _put_z_impl(zinfo, j, c0, zr):  # pragma: no cover - numba
             n = zr.shape[0]
             zb = zinfo[j]
             b = 0
-            if c0 % 8 == 0:  # whole bytes: no read-modify-write
-                base = c0 // 8
-                while b + 8 <= n:
+            if c0 % 8 == 0:  # whole bytes, no read-modify-write; a counted loop, for LLVM
+                zs = zinfo[j, c0 // 8:]
+                for g in range(n // 8):
                     byte = 0
                     for t in range(8):
-                        byte |= (1 << t) if zr[b + t] < 0 else 0
-                    zb[base + b // 8] = byte
-                    b += 8
+                        byte |= (1 << t) if zr[8 * g + t] < 0 else 0
+                    zs[g] = byte
+                b = n // 8 * 8
             while b < n:  # a chunk edge inside a byte
                 e = c0 + b
                 bit = 1 << (e & 7)
@@ -136,9 +136,9 @@ def _put_z_impl(zinfo, j, c0, zr):  # pragma: no cover - numba
         return put_bits
 
     def put_values(zinfo, j, c0, zr):
-        zj = zinfo[j]
+        zs = zinfo[j, c0:c0 + zr.shape[0]]
         for b in range(zr.shape[0]):
-            zj[c0 + b] = stored(zr[b], zinfo)
+            zs[b] = stored(zr[b], zinfo)
     return put_values
 
 
