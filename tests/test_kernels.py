@@ -17,7 +17,8 @@ from hpc_sparse.sparse import dropout_key
 from hpc_sparse.sparse import kernels_backward as kb
 from hpc_sparse.sparse import kernels_forward as kf
 from hpc_sparse.sparse.activations import Activation
-from hpc_sparse.sparse.blocking import CACHE_FRACTION, MIN_ROW_RUN, balanced_bounds, part_bounds, plan_layer
+from hpc_sparse.sparse.blocking import (CACHE_FRACTION, MIN_ROW_RUN, backward_cost, balanced_bounds, forward_cost,
+                                        part_bounds, plan_layer)
 from hpc_sparse.sparse.kernels_elementwise import BF16, from_bfloat16, to_bfloat16
 from hpc_sparse.sparse.kernels_layout import part_pointers, transpose_into
 
@@ -90,17 +91,39 @@ def test_part_pointers_match_searchsorted(rng):
 def test_plan_blocks_wide_layers_and_keeps_small_ones_whole():
     cache = 32 << 20
     small = plan_layer(1000, 1000, 40_000, 128, cache)
-    assert (small.chunk, small.n_blocks) == (128, 1)
+    assert (small.chunk, small.n_blocks, small.forward_blocks) == (128, 1, 1)
     d = plan_layer(95_000, 95_000, 3_800_000, 128, cache)  # 48 MB of rows: column blocks, whole batch
     assert d.chunk == 128 and d.n_blocks > 1 and d.block_bytes <= cache // CACHE_FRACTION
-    first = plan_layer(784, 95_000, 1_900_000, 128, cache)  # long rows: blocked by the cache alone
-    assert first.n_blocks == d.n_blocks
-    # 2 M wide at 20 entries per row: cache-sized blocks would hold < MIN_ROW_RUN entries per row
+    first = plan_layer(784, 95_000, 1_900_000, 128, cache, first=True)  # long rows: blocked by the cache alone
+    assert first.forward_blocks == d.forward_blocks
+    # bfloat16 halves the rows the backward pass gathers, not the forward's float32 sums
+    d16 = plan_layer(95_000, 95_000, 3_800_000, 128, cache, elem_bytes=2)
+    assert d16.forward_blocks == d.forward_blocks and d16.n_blocks < d.n_blocks
+    assert d16.stream_bytes < d.stream_bytes and d16.row_bytes < d.row_bytes and d16.seconds < d.seconds
+    # 2 M wide at 20 entries per row: at most MIN_ROW_RUN entries per row and block on average
     sparse_wide = plan_layer(2_000_000, 2_000_000, 40_000_000, 64, cache)
-    assert sparse_wide.chunk == 64 and sparse_wide.n_blocks == 40_000_000 // (2_000_000 * MIN_ROW_RUN)
+    cap = 40_000_000 // (2_000_000 * MIN_ROW_RUN)
+    assert sparse_wide.chunk == 64 and max(sparse_wide.n_blocks, sparse_wide.forward_blocks) <= cap
     assert plan_layer(95_000, 95_000, 3_800_000, 128, cache, chunk=32).chunk == 32
     assert plan_layer(95_000, 95_000, 3_800_000, 128, cache, chunk=20).chunk == 16  # whole cache lines
-    assert plan_layer(95_000, 95_000, 3_800_000, 128, cache, block_columns=10_000).n_blocks == 10
+    forced = plan_layer(95_000, 95_000, 3_800_000, 128, cache, block_columns=10_000)
+    assert forced.n_blocks == forced.forward_blocks == 10
+
+
+def test_traffic_model_counts_both_sides():
+    """The streamed bytes of one pass, counted by hand: weights, part pointers, the input side
+    once per block, the output side once."""
+    n_in, n_out, nnz, b = 1000, 2000, 30_000, 64
+    f = forward_cost(n_in, n_out, nnz, b, b, 3, 2, 32 << 20)
+    assert f.stream_bytes == 8 * nnz + 8 * n_in * 3 + 3 * n_in * b * 2 + n_out * b * (2 * 2 + 0.25)
+    assert f.row_bytes == nnz * b * 4  # float32 sums, whatever the dtype
+    g = backward_cost(n_in, n_out, nnz, b, b // 2, 3, 4, 32 << 20)  # two chunks
+    assert g.stream_bytes == (2 * (16 * nnz + 8 * n_in * 3) + 4 * nnz + n_out * b * 4 + 3 * n_in * b * (4 + 8)
+                              + n_in * b * 0.125)
+    assert g.row_bytes == nnz * b * 4
+    # more blocks: more streaming, fewer misses; the model's time has a minimum in between
+    wide = [forward_cost(95_000, 95_000, 3_800_000, 128, 128, j, 4, 32 << 20).seconds for j in (1, 6, 32)]
+    assert wide[1] < wide[0] and wide[1] < wide[2]
 
 
 # ----------------------------------------------------------- activation storage

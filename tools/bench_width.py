@@ -10,7 +10,10 @@ Prints one JSON line per width and dtype with ``width``, ``activation_dtype``, `
 sample), ``cost_growth`` (``ns_per_connection`` over the 1000-wide line of the same run and dtype),
 ``speedup_vs_float32`` on bfloat16 lines,
 ``traffic_bound_ms`` and ``x_traffic_bound`` (``ms_per_step / traffic_bound_ms``), plus the
-blocking the product chose and its phase breakdown.
+blocking the product chose, what its traffic model predicts for that plan (``predicted_bytes``:
+sequential DRAM bytes, ``predicted_row_bytes``: bytes of rows touched at random,
+``predicted_ms``: its time estimate, per thread divided by the thread count; see
+``hpc_sparse/sparse/blocking.py``) and the phase breakdown.
 
 The traffic bound is the time to move, at the STREAM triad bandwidth measured in this run,
 the bytes that a step must move given the last-level cache size ``C`` read from the machine.
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             ref_ns[dt] = ns
         bytes_needed = sum(bc.layer_bound_bytes(l.shape[0], l.shape[1], l.nnz, batch, cache) for l in model.layers)
         tb_ms = 1e3 * bytes_needed / bw
+        plans = model.blocking_plans(batch)
         rec = {
             "bench": "width", "width": w, "widths": run["widths"], "nnz": nnz, "batch": batch, "threads": threads,
             "activation_dtype": dt,
@@ -147,7 +151,11 @@ def main(argv: list[str] | None = None) -> None:
             "cost_growth": (ns / ref_ns[dt]) if dt in ref_ns else None,
             "traffic_bound_ms": tb_ms, "x_traffic_bound": ms / tb_ms,
             "bound_bytes": bytes_needed, "stream_triad_GBps": bw / 1e9, "llc_bytes": cache,
-            "blocking": [p.describe(batch) for p in model.blocking_plans(batch)],
+            "blocking": [p.describe(batch) for p in plans],
+            # the plan's traffic model (sparse/blocking.py): what it predicts for this step
+            "predicted_bytes": sum(p.stream_bytes for p in plans),
+            "predicted_row_bytes": sum(p.row_bytes for p in plans),
+            "predicted_ms": 1e3 * sum(p.seconds for p in plans) / threads,
             "phase_ms_one_step": phases, "repeats": counts[name(run)],
         }
         if dt != "float32" and f"{w}/float32" in med:

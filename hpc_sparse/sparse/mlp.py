@@ -113,7 +113,10 @@ class SparseMLP:
         """Each layer's cache blocking at ``batch`` samples."""
         chunk, cols, cache = self._blocking
         cache = cache or last_level_cache_bytes()
-        return [plan_layer(l.shape[0], l.shape[1], l.nnz, batch, cache, chunk, cols) for l in self.layers]
+        elem = np.dtype(ACTIVATION_DTYPES[self.activation_dtype]).itemsize
+        last = len(self.layers) - 1
+        return [plan_layer(l.shape[0], l.shape[1], l.nnz, batch, cache, chunk, cols, elem, k == 0, k == last)
+                for k, l in enumerate(self.layers)]
 
     def _bufs(self, batch: int) -> Buffers:
         buf = self._buffers.get(batch)
@@ -146,10 +149,10 @@ class SparseMLP:
         buf.keys = []
         for l, layer in enumerate(self.layers):
             plan = buf.plans[l]
-            bounds, seg = layer.part_index(plan.n_blocks, threads)
+            bounds, seg = layer.part_index(plan.forward_blocks, threads)
             w = layer.weight
             if l == last:
-                kf.forward_linear(seg, bounds, plan.n_blocks, w.indices, w.data, a_prev, layer.bias, plan.chunk,
+                kf.forward_linear(seg, bounds, plan.forward_blocks, w.indices, w.data, a_prev, layer.bias, plan.chunk,
                                   buf.logits)
             else:
                 f = self.activations[l]
@@ -158,7 +161,7 @@ class SparseMLP:
                 buf.keys.append(key)
                 block_rows = int(np.diff(bounds[::threads]).max())
                 acc = buf.scratch("forward", block_rows, plan.chunk)
-                kf.forward_act(seg, bounds, plan.n_blocks, w.indices, w.data, a_prev, layer.bias, plan.chunk, acc,
+                kf.forward_act(seg, bounds, plan.forward_blocks, w.indices, w.data, a_prev, layer.bias, plan.chunk, acc,
                                f.kind, np.float32(f.slope), threshold, scale, key, buf.a[l], buf.zinfo[l])
                 a_prev = buf.a[l]
             if prof is not None:
