@@ -1,12 +1,17 @@
-"""``hpc-sparse`` / ``python -m hpc_sparse``: train, evaluate, info, convert, config-help.
+"""``hpc-sparse`` / ``python -m hpc_sparse``: train, evaluate, info, clean, convert, config-help.
 
 Exit status: 0 success; 2 bad input (config, data, checkpoint; one line on stderr naming
 the fix); 75 stopped by a signal after checkpointing (requeue me); 1 anything else.
 Under MPI, an error on any rank aborts the whole job at once with that rank's message.
+Statuses 2 and 75 leave through ``MPI.Finalize`` and ``os._exit`` on every rank
+(:func:`hpc_sparse.parallel.comm.exit_with_status`), so that ``srun`` reports them as they
+are; only an error on some ranks, where the others may wait in a collective, aborts.
 
 ``train`` picks the schedule by ``parallel.mode`` (:func:`hpc_sparse.schedules.schedule_for`)
 and runs it on the engine. Its stop flag (SIGUSR1/SIGTERM) is installed first thing, before
-the heavy imports, so that a stop request during start-up is not fatal to the rank.
+the heavy imports; once it is installed on every rank, rank 0 creates the job script's ready
+file (:func:`hpc_sparse.runtime.signals.announce_ready`), and only then does the script pass
+stop signals on to the ranks.
 """
 
 from __future__ import annotations
@@ -33,20 +38,33 @@ def _parser() -> argparse.ArgumentParser:
                     help="override a config key (repeatable), e.g. --set train.lr=0.05")
     tr.add_argument("--run-dir", required=True, help="output folder: metrics.jsonl, summary.json, checkpoints/")
     tr.add_argument("--resume", metavar="auto|PATH",
-                    help="'auto': continue from the newest valid checkpoint in --run-dir (or start fresh); "
-                         "PATH: continue from that checkpoint folder")
+                    help="'auto': continue from the newest valid checkpoint in --run-dir (or start fresh if it has "
+                         "none); PATH: continue from that checkpoint folder")
+    tr.add_argument("--fresh-if-none-valid", action="store_true",
+                    help="with --resume auto: start from step 0 even when committed checkpoints exist but none "
+                         "is valid (they are set aside); without it that is refused")
+    tr.add_argument("--break-lock", action="store_true",
+                    help="take over the run dir's lock when its holder cannot be checked from here (another host "
+                         "without SLURM); only if you know that job has ended")
     tr.add_argument("--quiet", action="store_true", help="no progress output")
 
     ev = sub.add_parser("evaluate", help="test loss and accuracy of a run's newest valid checkpoint")
-    ev.add_argument("--run-dir", required=True)
+    ev.add_argument("--run-dir", required=True, help="the training run to evaluate")
     ev.add_argument("--checkpoint", help="a specific checkpoint folder instead of the newest valid one")
 
-    inf = sub.add_parser("info", help="layer shapes, nnz, density, neurons, config and checkpoints of a run")
-    inf.add_argument("--run-dir", required=True)
+    inf = sub.add_parser("info", help="layer shapes, nnz, density, neurons, config, checkpoints, set-aside "
+                                      "folders and lock of a run")
+    inf.add_argument("--run-dir", required=True, help="the training run to describe")
+
+    cl = sub.add_parser("clean", help="list, and with --yes remove, a run's set-aside and temporary checkpoint "
+                                      "folders (never a committed checkpoint)")
+    cl.add_argument("--run-dir", required=True, help="the run whose leftover folders to list or remove")
+    cl.add_argument("--yes", action="store_true", help="remove them (while holding the run dir's lock)")
 
     cv = sub.add_parser("convert", help="convert a trained run to N:M or transposable N:M sparsity, as a new run")
     cv.add_argument("--run-dir", required=True, help="the trained run (only read)")
-    cv.add_argument("--structure", required=True, choices=("nm", "nm_transposable"))
+    cv.add_argument("--structure", required=True, choices=("nm", "nm_transposable"),
+                    help="nm: N:M per output neuron; nm_transposable: also per input neuron (see topology.structure)")
     cv.add_argument("--nm", required=True, metavar="N:M", help="e.g. 2:4")
     cv.add_argument("--out", required=True, help="new run dir to create (never overwritten)")
     cv.add_argument("--method", default="greedy", choices=("greedy", "exact"),
@@ -56,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="then train the converted run E more epochs with the mask fixed")
     cv.add_argument("--quiet", action="store_true", help="no progress output or table")
 
-    sub.add_parser("config-help", help="list every config key with its default and meaning")
+    ch = sub.add_parser("config-help", help="list every config key with its default and meaning")
+    ch.add_argument("--markdown", action="store_true",
+                    help="print the configuration reference page (docs/configuration-reference.md) instead")
     return ap
 
 
@@ -65,11 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config-help":
         from hpc_sparse.config import describe
 
+        if args.markdown:
+            from hpc_sparse.reference import config_reference_markdown
+
+            print(config_reference_markdown(), end="")
+            return 0
         for key, default, text in describe():
             print(f"{key:28s} {default:24s} {text}")
         return 0
 
-    from hpc_sparse.runtime.signals import EXIT_REQUEUE, StopFlag
+    from hpc_sparse.runtime.signals import EXIT_REQUEUE, StopFlag, announce_ready
 
     stop = StopFlag().install() if args.command == "train" else None
     from hpc_sparse.parallel import comm as pc
@@ -77,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     comm = pc.world()
     try:
         if args.command == "train":
+            announce_ready(comm)  # every rank takes stop signals now: the job script may forward them
             status = _train(args, comm, stop)
             if status == EXIT_REQUEUE:
                 # the stop flag's handlers stay installed: a second signal now cannot turn 75
@@ -88,13 +114,19 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args, comm)
         if args.command == "convert":
             return _convert(args, comm)
-        return _info(args)
+        from hpc_sparse import run_commands
+
+        if args.command == "clean":
+            return run_commands.clean(Path(args.run_dir), args.yes) if comm.Get_rank() == 0 else 0
+        return run_commands.info(comm, Path(args.run_dir))
     except UserError as exc:
         if exc.every_rank:  # raised on every rank at once: nobody waits; rank 0 prints the one line
             pc.abort_on_error(pc.self_comm(), exc, EXIT_USER_ERROR, quiet=comm.Get_rank() != 0)
-            return EXIT_USER_ERROR
-        pc.abort_on_error(comm, exc, EXIT_USER_ERROR)
-        return EXIT_USER_ERROR
+        else:  # aborts every rank (MPI_Abort) when there are several; returns with one
+            pc.abort_on_error(comm, exc, EXIT_USER_ERROR)
+        # the same exit as 75: a SystemExit(2) would become MPI_Abort(2) under `-m mpi4py`,
+        # which srun reports as 137
+        pc.exit_with_status(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:  # noqa: BLE001 - any failure on any rank must end the whole job
@@ -111,43 +143,25 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace, comm, stop) -> int:  # noqa: ANN001
     from hpc_sparse.config import load_config
     from hpc_sparse.engine import Engine
+    from hpc_sparse.engine.failure import agreed
     from hpc_sparse.schedules import schedule_for
 
-    cfg = load_config(args.config, args.overrides)
+    if args.fresh_if_none_valid and args.resume != "auto":
+        raise UserError("--fresh-if-none-valid only applies to --resume auto; fix: add --resume auto or drop it",
+                        every_rank=True)
+    cfg = agreed(comm, lambda: load_config(args.config, args.overrides))  # a bad config exits 2 on every rank
     engine = Engine(cfg, comm, Path(args.run_dir), quiet=args.quiet, stop=stop)
-    return engine.run_schedule(schedule_for(cfg.parallel.mode), args.resume)
-
-
-def _load_run(run_dir: Path, checkpoint: str | None):  # noqa: ANN202
-    from hpc_sparse.checkpoint import find_latest_valid, load_checkpoint
-    from hpc_sparse.config import config_from_dict
-    from hpc_sparse.engine import MODEL_PREFIX
-    from hpc_sparse.model_builder import model_from_rank_arrays, model_from_state
-
-    if checkpoint:
-        path = Path(checkpoint)
-    else:
-        if not run_dir.is_dir():
-            raise UserError(f"run dir '{run_dir}' does not exist; fix: pass the --run-dir of a training run")
-        path, _ = find_latest_valid(run_dir)
-        if path is None:
-            raise UserError(f"no valid checkpoint in '{run_dir}'; fix: train with checkpoint.at_end=true "
-                            "(the default) or pass --checkpoint")
-    state, manifest, rank_state = load_checkpoint(path, rank=0)
-    cfg = config_from_dict(manifest["meta"]["config"])
-    if not state and rank_state:  # a checkpoint of per-rank models (WASAP-SGD's local phase)
-        print(f"note: {path} holds one model per rank (WASAP-SGD's local phase); this is rank 0's", file=sys.stderr)
-        mine = {k[len(MODEL_PREFIX):]: v for k, v in rank_state.items() if k.startswith(MODEL_PREFIX)}
-        return cfg, model_from_rank_arrays(cfg, mine, str(path)), manifest, path
-    return cfg, model_from_state(cfg, state, str(path)), manifest, path
+    return engine.run_schedule(schedule_for(cfg.parallel.mode), args.resume,
+                               fresh_if_none_valid=args.fresh_if_none_valid, break_lock=args.break_lock)
 
 
 def _evaluate(args: argparse.Namespace, comm) -> int:  # noqa: ANN001
     from hpc_sparse.engine import configure_threads, evaluate, load_data
+    from hpc_sparse.run_commands import load_run
 
-    cfg, model, manifest, path = _load_run(Path(args.run_dir), args.checkpoint)
+    cfg, model, manifest, path = load_run(comm, Path(args.run_dir), args.checkpoint)
     configure_threads(cfg, comm)
-    data = load_data(cfg)
+    data = load_data(cfg, comm)
     loss, acc = evaluate(model, data, comm, cfg.train.eval_batch_size)
     if comm.Get_rank() == 0:
         print(json.dumps({"checkpoint": str(path), "step": manifest["step"], "test_loss": loss,
@@ -163,40 +177,6 @@ def _convert(args: argparse.Namespace, comm) -> int:  # noqa: ANN001
     req = ConvertRequest(Path(args.run_dir), Path(args.out), args.structure, n, m, args.method, args.checkpoint,
                          args.finetune_epochs)
     run_convert(comm, req, quiet=args.quiet)
-    return 0
-
-
-def _info(args: argparse.Namespace) -> int:
-    from hpc_sparse.checkpoint import list_checkpoints
-
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run dir '{run_dir}' does not exist; fix: pass the --run-dir of a training run")
-    checkpoints = list_checkpoints(run_dir)
-    print(f"run dir: {run_dir}")
-    print("checkpoints:" if checkpoints else "checkpoints: none")
-    for c in checkpoints:
-        state = "valid" if c["valid"] else f"INVALID ({c['reason']})"
-        print(f"  {Path(c['path']).name}  step {c['step']}  epoch {c['epoch']}  ranks {c['n_ranks']}  "
-              f"{c['bytes'] / 1e6:.1f} MB  {state}")
-    if any(c["valid"] for c in checkpoints):
-        cfg, model, manifest, path = _load_run(run_dir, None)
-        print(f"model (from {path.name}):")
-        print(f"  {'layer':>5} {'n_in':>10} {'n_out':>10} {'nnz':>12} {'density':>10}")
-        for l, layer in enumerate(model.layers):
-            n_in, n_out = layer.shape
-            print(f"  {l:>5} {n_in:>10,} {n_out:>10,} {layer.nnz:>12,} {layer.nnz / (n_in * n_out):>10.5f}")
-        print(f"  widths {list(model.widths)}; hidden neurons {model.hidden_neurons:,}; nnz {model.nnz:,}")
-        print(f"  model_sha256 {model.sha256()}")
-        from hpc_sparse.model_builder import describe_structure
-
-        print("\n".join(describe_structure(cfg, model)) or "structure: unstructured")
-        print(f"config: {json.dumps(cfg.to_dict(), sort_keys=True)}")
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        print(f"summary: test_accuracy {s.get('test_accuracy')} after {s.get('epochs_completed')} epochs; "
-              f"model_sha256 {s.get('model_sha256')}")
     return 0
 
 

@@ -17,7 +17,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Iterator, get_type_hints
 
 from hpc_sparse.errors import UserError
 
@@ -30,6 +30,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
+    """Which dataset, where its files are, how it is preprocessed (see Datasets)."""
+
     name: str = _f("synthetic", "dataset: synthetic | fashion-mnist | mnist | cifar10 | madelon | higgs | file",
                    choices=("synthetic", "fashion-mnist", "mnist", "cifar10", "madelon", "higgs", "file"))
     path: str = _f("", "folder of idx/idx.gz files (fashion-mnist, mnist; default: the folder of "
@@ -52,10 +54,17 @@ class DataConfig:
     augment: bool = _f(False, "cifar10: shift each training image by up to 3 pixels (10%; edge pixels "
                               "repeated) and flip it left-right with probability 1/2, a pure function of "
                               "(seed, epoch, sample), so resume stays exact")
+    cache_dir: str = _f("", "folder of the dataset cache (the preprocessed float32 arrays, memory-mapped "
+                            "read-only so the ranks of a node share one copy): '' = a hpc_sparse-cache "
+                            "folder beside the source if writable (not under /usr), else "
+                            "$XDG_CACHE_HOME/hpc_sparse or ~/.cache/hpc_sparse; 'off' = no cache, every "
+                            "rank holds its own copy")
 
 
 @dataclass
 class ModelConfig:
+    """The network: widths, Erdős–Rényi sparsity, activation, initialisation, dropout."""
+
     layers: list[int] = _f([500, 400, 100, 400, 4], "all layer widths, input first, output last "
                                                     "(e.g. [784, 1000, 1000, 1000, 10])")
     epsilon: float = _f(20.0, "Erdos-Renyi sparsity: each connection exists with probability "
@@ -74,6 +83,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    """The optimizer, batch sizes, length of the run, threads and cache blocking."""
+
     epochs: int = _f(10, "number of passes over the training set", min=1)
     batch_size: int = _f(128, "samples per step per rank", min=1)
     lr: float = _f(0.01, "SGD learning rate", min=0.0, exclusive_min=True)
@@ -86,11 +97,12 @@ class TrainConfig:
     threads: int = _f(0, "compute threads per rank; 0 = cores on the node / ranks on the node "
                          "(HPC_SPARSE_THREADS overrides)", min=0)
     max_steps: int = _f(0, "stop after this many steps in total (0 = no limit); for smoke tests", min=0)
-    batch_chunk: int = _f(0, "cache blocking: samples per kernel pass (0 = the whole batch; fewer is "
-                             "rounded down to a multiple of 16)", min=0)
-    block_columns: int = _f(0, "cache blocking: output columns per block (0 = automatic: a block's "
-                               "rows fill a quarter of the last-level cache, with at least 2 entries "
-                               "per input row and block on average)", min=0)
+    batch_chunk: int = _f(0, "cache blocking: samples per kernel pass (0 = automatic, see block_columns; "
+                             "fewer than the batch is rounded down to a multiple of 16)", min=0)
+    block_columns: int = _f(0, "cache blocking: output columns per block, forward and backward pass "
+                               "(0 = automatic: the traffic model of sparse/blocking.py chooses the chunk "
+                               "and each pass's blocks, with at least 2 entries per input row and block "
+                               "on average)", min=0)
     activation_dtype: str = _f("float32", "how activations, pre-activations and deltas are stored between "
                                           "the kernels: float32 | bfloat16 (half the bytes per gathered or "
                                           "streamed row; every product and sum is still accumulated in "
@@ -100,6 +112,8 @@ class TrainConfig:
 
 @dataclass
 class TopologyConfig:
+    """How connections evolve (SET or RigL) and the N:M structure they keep."""
+
     growth: str = _f("random", "regrowth rule after pruning: random (SET) | gradient (RigL)",
                      choices=("random", "gradient"))
     zeta: float = _f(0.3, "fraction of each hidden weight matrix's connections pruned and regrown "
@@ -125,18 +139,29 @@ class TopologyConfig:
 
 @dataclass
 class ImportanceConfig:
-    enabled: bool = _f(False, "remove hidden neurons whose importance (sum of |incoming weights|) "
-                              "is at or below the layer's percentile")
+    """Importance pruning of weak hidden neurons while training: removed (the layers shrink) or
+    with their incoming connections emptied (the paper's form), see ``mode``."""
+
+    enabled: bool = _f(False, "prune hidden neurons whose importance (sum of |incoming weights|) "
+                              "is at or below the layer's percentile (see importance.mode)")
+    mode: str = _f("remove", "remove: the neuron is deleted (its column, bias and outgoing row; its "
+                             "constant output folded into the next bias), so the layers really shrink | "
+                             "empty (the paper's): only its incoming column is emptied; the neuron keeps "
+                             "its bias and outgoing weights, counts in the next percentile, and SET/RigL "
+                             "regrowth may connect it again", choices=("remove", "empty"))
     start_epoch: int = _f(200, "prune only after epochs > start_epoch (0-based; paper: 200)", min=0)
     every: int = _f(20, "prune at epochs that are multiples of this (paper: 20 parallel, 10 "
                         "sequential)", min=1)
     percentile: float = _f(10.0, "q: neurons with importance <= the q-th percentile of their layer "
-                                 "are removed (paper: 10 parallel, 20 sequential)", min=0.0, max=100.0)
-    min_neurons: int = _f(1, "never shrink a hidden layer below this width", min=1)
+                                 "are pruned (paper: 10 parallel, 20 sequential)", min=0.0, max=100.0)
+    min_neurons: int = _f(1, "never prune more than width - min_neurons neurons of a hidden layer "
+                             "(remove: the layer keeps at least this width)", min=1)
 
 
 @dataclass
 class ParallelConfig:
+    """The training mode over MPI ranks and how often replicas are averaged."""
+
     mode: str = _f("sync", "sync: collective replica averaging (default) | wasap: the paper's "
                            "asynchronous parameter-server phase then local training and a final merge",
                    choices=("sync", "wasap"))
@@ -152,6 +177,8 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
+    """When checkpoints are written and how many are kept."""
+
     every_steps: int = _f(0, "save every this many steps (0 = off); rounded up to a sync point", min=0)
     every_seconds: float = _f(0.0, "save when this many seconds have passed since the last save "
                                    "(0 = off)", min=0.0)
@@ -161,6 +188,9 @@ class CheckpointConfig:
 
 @dataclass
 class Config:
+    """A whole run: the top-level ``seed`` and one section per table of the TOML file.
+    Build it with :func:`load_config` (file + overrides, validated), or :func:`config_from_dict`."""
+
     seed: int = _f(42, "seed for init, data order, dropout and topology updates", min=0)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -324,22 +354,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Rebuild a validated :class:`Config` from :meth:`Config.to_dict` output (e.g. from a checkpoint)."""
+    """A validated :class:`Config` from nested dicts, one per TOML table, e.g.
+    ``{"model": {"layers": [20, 64, 3]}, "train": {"epochs": 4}}``. Keys left out keep their
+    defaults; :meth:`Config.to_dict` output (e.g. from a checkpoint) round-trips. Raises
+    :class:`UserError` like :func:`load_config`."""
     return validate(_build(Config, raw, ""))
 
 
+def iter_keys(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any, Any]]:
+    """Every config key in declaration order, sections included depth first, as
+    ``(dotted name, dataclass field, type, default value)``; the field's ``metadata`` holds
+    ``help`` and the bounds (``choices``, ``min``, ``max``, ``exclusive_min``)."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from iter_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield prefix + f.name, f, hints[f.name], default
+
+
 def describe() -> list[tuple[str, str, str]]:
-    """Every key as ``(name, default, help)``, for docs and ``hpc-sparse config-help``."""
-    rows: list[tuple[str, str, str]] = []
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{f.name}.")
-            else:
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                rows.append((prefix + f.name, json.dumps(default), f.metadata.get("help", "")))
-
-    walk(Config, "")
-    return rows
+    """Every key as ``(name, default as JSON, help)``, for docs and ``hpc-sparse config-help``."""
+    return [(key, json.dumps(default), f.metadata.get("help", "")) for key, f, _, default in iter_keys()]

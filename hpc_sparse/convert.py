@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpc_sparse.checkpoint import find_latest_valid, load_checkpoint, save_checkpoint
+from hpc_sparse.checkpoint import choose_and_load, save_checkpoint
 from hpc_sparse.config import Config, config_from_dict, largest_nm_epsilon
 from hpc_sparse.convert_report import format_table, write_config_toml
 from hpc_sparse.engine import Engine, configure_threads, evaluate, load_data
+from hpc_sparse.engine.resume import check_meta
 from hpc_sparse.errors import UserError
 from hpc_sparse.log import RunLog
 from hpc_sparse.model_builder import model_from_state
@@ -95,26 +96,32 @@ def check_request(req: ConvertRequest) -> None:
                         "folder or remove that one", every_rank=True)
 
 
-def _checkpoint_path(req: ConvertRequest) -> Path:
-    if req.checkpoint:
+def _checkpoint_path(comm: Any, req: ConvertRequest) -> str:
+    """``--checkpoint`` as a folder (a name under the run's checkpoints/, or a path; rank 0
+    decides), or "auto" for the newest valid one."""
+    if not req.checkpoint:
+        return "auto"
+    found = None
+    if comm.Get_rank() == 0:
         named = req.run_dir / "checkpoints" / req.checkpoint
         path = named if named.is_dir() else Path(req.checkpoint)
-        if not path.is_dir():
-            raise UserError(f"checkpoint '{req.checkpoint}' is neither a folder of '{req.run_dir / 'checkpoints'}' "
-                            "nor a path; fix: pass a name listed by `hpc-sparse info --run-dir` (e.g. "
-                            "step-000004690) or a checkpoint folder", every_rank=True)
-        return path
-    path, _ = find_latest_valid(req.run_dir)
-    if path is None:
+        found = str(path) if path.is_dir() else None
+    found = comm.bcast(found, root=0)
+    if found is None:
+        raise UserError(f"checkpoint '{req.checkpoint}' is neither a folder of '{req.run_dir / 'checkpoints'}' "
+                        "nor a path; fix: pass a name listed by `hpc-sparse info --run-dir` (e.g. "
+                        "step-000004690) or a checkpoint folder", every_rank=True)
+    return found
+
+
+def _load_source(comm: Any, req: ConvertRequest) -> tuple[Config, SparseMLP, dict[str, Any], Path]:
+    """The source checkpoint's config, replica model and manifest (chosen by rank 0, verified
+    collectively as a resume's)."""
+    loaded = choose_and_load(comm, req.run_dir, _checkpoint_path(comm, req), check=check_meta)
+    if loaded.path is None:
         raise UserError(f"no valid checkpoint in '{req.run_dir}'; fix: train with checkpoint.at_end=true "
                         "(the default) or pass --checkpoint", every_rank=True)
-    return path
-
-
-def _load_source(req: ConvertRequest) -> tuple[Config, SparseMLP, dict[str, Any], Path]:
-    """The source checkpoint's config, replica model and manifest (verified on load)."""
-    path = _checkpoint_path(req)
-    state, manifest, _ = load_checkpoint(path)
+    path, state, manifest = loaded.path, loaded.state, loaded.manifest
     meta = manifest["meta"]
     if not state:
         raise UserError(f"checkpoint {path} holds one model per rank (WASAP-SGD's local phase), not one replica; "
@@ -192,10 +199,10 @@ def run_convert(comm: Any, req: ConvertRequest, quiet: bool = False) -> dict[str
     check_request(req)
     rank = comm.Get_rank()
     log = RunLog(req.out, rank, quiet)
-    cfg, model, manifest, src_path = _load_source(req)
+    cfg, model, manifest, src_path = _load_source(comm, req)
     cfg2 = converted_config(cfg, req)
     configure_threads(cfg, comm)
-    data = load_data(cfg)
+    data = load_data(cfg, comm)
     before_loss, before_acc = evaluate(model, data, comm, cfg.train.eval_batch_size)
     src_sha = model.sha256()
     log.info(f"converting {src_path} ({req.structure} {req.n}:{req.m}, method {req.method}); "

@@ -13,14 +13,15 @@ from hpc_sparse.topology.structure import check_structure, log10_mask_diversity,
 
 
 def check_data_shape(cfg: Config, n_features: int, n_classes: int) -> None:
-    """The config's input/output widths must match the data."""
+    """The config's input/output widths must match the data. Every rank loads the same data
+    and config, so every rank raises the same error at the same point (``every_rank``)."""
     layers = cfg.model.layers
     if layers[0] != n_features:
         raise UserError(f"model.layers starts with {layers[0]} inputs but the {cfg.data.name} data has "
-                        f"{n_features} features; fix: --set model.layers=[{n_features},...]")
+                        f"{n_features} features; fix: --set model.layers=[{n_features},...]", every_rank=True)
     if layers[-1] < n_classes:
         raise UserError(f"model.layers ends with {layers[-1]} outputs but the {cfg.data.name} data has "
-                        f"{n_classes} classes; fix: make the last width {n_classes}")
+                        f"{n_classes} classes; fix: make the last width {n_classes}", every_rank=True)
 
 
 def layer_structure(cfg: Config) -> NMStructure | None:

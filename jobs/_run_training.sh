@@ -6,7 +6,8 @@
 #     $LAUNCHER ... $PYTHON -m mpi4py -m hpc_sparse train --config $CONFIG \
 #         --run-dir $RUN_DIR --resume auto [--set k=v ...]
 # in the background, forwards SIGUSR1/SIGTERM that reach this batch shell to the
-# launcher, and turns the trainer's exit status into the job's:
+# launcher once every rank is ready for them (before that it ends the launcher and
+# reports 75; see hs_forward), and turns the trainer's exit status into the job's:
 #
 #   75 (EXIT_REQUEUE: "stopped by a signal after writing a checkpoint")
 #        -> `scontrol requeue $SLURM_JOB_ID` (array task: <array id>_<index>), exit 0.
@@ -59,27 +60,38 @@ hs_setup_threads() {
     export HPC_SPARSE_THREADS=${HPC_SPARSE_THREADS:-$n}
 }
 
-# Trap handler: remember the first signal and pass it on to the launcher (mpiexec's
-# hydra and srun both forward SIGUSR1/SIGTERM to every rank). The traps are set first
-# thing in hs_run_training, before the launcher's pid is known: a signal that comes
-# before the launch stops the job before it starts (nothing new to save, status 75); one
-# that comes between the launch and `HS_CHILD=$!` is remembered (HS_PENDING) and
-# forwarded as soon as the pid is known.
+# Trap handler: remember the first signal and act on it. The traps are set first thing
+# in hs_run_training, before the launcher's pid is known:
+#   - before the launch: the trainer is not started (nothing new to save), status 75;
+#   - between the launch and `HS_CHILD=$!`: remembered (HS_PENDING), acted on at once after;
+#   - once every rank is ready (HS_READY_FILE exists: the trainer writes it after all ranks
+#     installed their stop handlers): passed on to the launcher (mpiexec's hydra and srun
+#     both forward SIGUSR1/SIGTERM to every rank), which checkpoints and exits 75;
+#   - before that (interpreter start, MPI_Init, handlers not yet installed), a forwarded
+#     signal would kill a rank and the job would not be requeued: instead the launcher is
+#     ended (SIGTERM) and the status is 75. Nothing was trained since the newest checkpoint.
 hs_forward() {
     HS_TRAPPED=1
     HS_SIGNAL=${HS_SIGNAL:-$1}
-    if [ -n "${HS_CHILD:-}" ]; then
+    if [ -n "$HS_EARLY_STOP" ]; then
+        hs_log "batch shell got SIG$1; already ending the launcher"
+    elif [ -z "${HS_CHILD:-}" ]; then
+        HS_PENDING=$1
+        hs_log "batch shell got SIG$1 before the launcher started"
+    elif [ -e "$HS_READY_FILE" ]; then
         hs_log "batch shell got SIG$1; forwarding to launcher pid $HS_CHILD"
         kill -s "$1" "$HS_CHILD" 2>/dev/null
     else
-        HS_PENDING=$1
-        hs_log "batch shell got SIG$1 before the launcher started"
+        HS_EARLY_STOP=$1
+        hs_log "batch shell got SIG$1 before every rank was ready (no $HS_READY_FILE yet):" \
+               "ending launcher pid $HS_CHILD; nothing was trained since the newest checkpoint"
+        kill -s TERM "$HS_CHILD" 2>/dev/null
     fi
     return 0
 }
 
 hs_run_training() {
-    HS_SIGNAL="" HS_TRAPPED=0 HS_CHILD="" HS_PENDING=""
+    HS_SIGNAL="" HS_TRAPPED=0 HS_CHILD="" HS_PENDING="" HS_EARLY_STOP="" HS_READY_FILE=""
     trap 'hs_forward USR1' USR1
     trap 'hs_forward TERM' TERM
     : "${CONFIG:?CONFIG must be set}" "${RUN_DIR:?RUN_DIR must be set}"
@@ -96,6 +108,11 @@ hs_run_training() {
         *) hs_log "ERROR: LAUNCHER must be mpiexec or srun (got '$launcher')"; return 2 ;;
     esac
     hs_setup_threads
+    # Written by the trainer's rank 0 once every rank can take a stop signal; one per start.
+    mkdir -p "$RUN_DIR" || { hs_log "ERROR: cannot create RUN_DIR=$RUN_DIR"; return 2; }
+    HS_READY_FILE="$(cd "$RUN_DIR" && pwd)/.ready-${SLURM_JOB_ID:-pid$$}-${SLURM_RESTART_COUNT:-0}"
+    export HPC_SPARSE_READY_FILE=$HS_READY_FILE
+    rm -f "$HS_READY_FILE"
     local -a cmd=("${launch[@]}" "${extra_launch[@]}" "$python" -m mpi4py -m hpc_sparse train
                   --config "$CONFIG" --run-dir "$RUN_DIR" --resume auto "${HS_EXTRA_ARGS[@]}")
 
@@ -112,10 +129,10 @@ hs_run_training() {
     else
         "${cmd[@]}" &
         HS_CHILD=$!
-        if [ -n "$HS_PENDING" ]; then  # came during the launch itself: forward it now
-            hs_log "forwarding the earlier SIG$HS_PENDING to launcher pid $HS_CHILD"
-            kill -s "$HS_PENDING" "$HS_CHILD" 2>/dev/null
+        if [ -n "$HS_PENDING" ]; then  # came during the launch itself: act on it now
+            local pending=$HS_PENDING
             HS_PENDING=""
+            hs_forward "$pending"
         fi
         # `wait` returns early (status > 128) when a trapped signal arrives: wait again until
         # the launcher itself has ended, and keep its real status.
@@ -128,6 +145,11 @@ hs_run_training() {
             last=$status
         done
         hs_log "trainer exited with status $status${HS_SIGNAL:+ (batch shell had SIG$HS_SIGNAL)}"
+        rm -f "$HS_READY_FILE"
+        if [ -n "$HS_EARLY_STOP" ] && [ "$status" != 0 ]; then
+            hs_log "stopped before every rank was ready: status $HS_EXIT_REQUEUE; the newest checkpoint stands"
+            status=$HS_EXIT_REQUEUE
+        fi
     fi
     # The traps stay set until the script exits: a second signal while `scontrol requeue`
     # runs is logged, it does not kill the batch shell and lose the requeue.
@@ -135,16 +157,18 @@ hs_run_training() {
     if [ "$status" != "$HS_EXIT_REQUEUE" ]; then
         return "$status"
     fi
+    local saved="checkpoint written"
+    [ -z "$HS_EARLY_STOP" ] && [ -n "$HS_CHILD" ] || saved="stopped before training (nothing new to save)"
     if [ -z "${SLURM_JOB_ID:-}" ]; then
-        hs_log "checkpoint written; not under SLURM, run again to resume"
+        hs_log "$saved; not under SLURM, run again to resume"
         return "$status"
     fi
     if [ "${REQUEUE:-1}" = 0 ]; then
-        hs_log "checkpoint written; REQUEUE=0, the next chunk resumes from it"
+        hs_log "$saved; REQUEUE=0, the next chunk resumes from it"
         return 0
     fi
     if [ "$HS_SIGNAL" = TERM ]; then
-        hs_log "checkpoint written; stopped by SIGTERM (cancel or preemption): not requeueing"
+        hs_log "$saved; stopped by SIGTERM (cancel or preemption): not requeueing"
         return "$status"
     fi
     # An array task must be named <array id>_<index>: its own SLURM_JOB_ID equals the
@@ -153,7 +177,7 @@ hs_run_training() {
     if [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
         target=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
     fi
-    hs_log "checkpoint written; requeueing job $target (restart $(( ${SLURM_RESTART_COUNT:-0} + 1 )) follows)"
+    hs_log "$saved; requeueing job $target (restart $(( ${SLURM_RESTART_COUNT:-0} + 1 )) follows)"
     if ! scontrol requeue "$target"; then
         hs_log "ERROR: scontrol requeue $target failed; resubmit with RUN_DIR=$RUN_DIR to resume"
         return "$status"

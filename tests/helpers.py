@@ -43,24 +43,6 @@ def dense_loss(model: SparseMLP, x: np.ndarray, y: np.ndarray, weights=None, bia
     return float(-logp[np.arange(len(y)), y].mean())
 
 
-def find_mpiexec() -> str:
-    """The mpiexec that belongs to this Python (PyPI's mpich puts it beside the interpreter),
-    else the one on PATH. pip run as ``python -m pip`` does not refresh pyenv's shims, so PATH
-    alone is not enough on a fresh machine."""
-    import shutil
-    import sys
-    import sysconfig
-    from pathlib import Path
-
-    for folder in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
-        if (folder / "mpiexec").exists():
-            return str(folder / "mpiexec")
-    found = shutil.which("mpiexec")
-    if found is None:
-        raise RuntimeError("no mpiexec beside the interpreter or on PATH; fix: pip install mpich")
-    return found
-
-
 def dropout_keep_reference(key: np.uint64, shape: tuple[int, int], p: float) -> np.ndarray:
     """numpy reference of the kernels' dropout mask: element e of a (width, B) array is kept
     when the top 32 bits of splitmix64(key + e * golden) are >= p * 2**32 (uint8)."""

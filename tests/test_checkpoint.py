@@ -180,7 +180,8 @@ def test_round_trip_dense_and_csr(tmp_path):
     assert_same(state, loaded)
     assert loaded["layers/2/W"].nnz == 0
     assert rank_state.keys() == {"rng/bitgen"} and rank_state["rng/bitgen"].dtype == np.uint64
-    assert manifest["schema_version"] == SCHEMA_VERSION == 1
+    assert manifest["schema_version"] == SCHEMA_VERSION == 2
+    assert manifest["shards"][0]["rank_state"] == {"rng/bitgen": {"shape": [4], "dtype": "<u8"}}
     assert manifest["step"] == 12 and manifest["epoch"] == 12 and manifest["n_ranks"] == 1
     assert manifest["meta"]["config"] == META["config"] and manifest["meta"]["rng"]["state"] == 2**100 + 7
     assert manifest["arrays"]["layers/0/W"] == {"kind": "csr", "shape": [30, 20], "dtype": "<f4",

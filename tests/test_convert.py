@@ -16,7 +16,8 @@ import scipy.sparse as sp
 from hpc_sparse.checkpoint import load_checkpoint
 from hpc_sparse.convert import ConvertRequest, convert_layers
 from hpc_sparse.topology.structure import NMStructure, violations
-from helpers import find_mpiexec, tiny_mlp
+from helpers import tiny_mlp
+from hpc_sparse.runtime.launcher import find_mpiexec
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(ROOT / "configs" / "synthetic-quick.toml"), "--set", "data.n_train=1200",

@@ -48,15 +48,42 @@ def test_a_stop_signal_before_the_launch_ends_the_job_with_75_not_by_the_signal(
     assert not mark.exists()
 
 
+def wait_for(path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
 def test_a_stop_signal_during_the_run_is_forwarded_to_the_launcher(tmp_path):
-    ready, got = tmp_path / "ready", tmp_path / "got"
-    launcher = fake_launcher(tmp_path, f'trap \'echo USR1 > "{got}"; exit 75\' USR1\ntouch "{ready}"\n'
+    """Once the trainer created its ready file (HPC_SPARSE_READY_FILE: every rank has its stop
+    handler), a stop reaches the launcher, and the ready file is removed at the end."""
+    got = tmp_path / "got"
+    launcher = fake_launcher(tmp_path, f'trap \'echo USR1 > "{got}"; exit 75\' USR1\n'
+                                       'touch "$HPC_SPARSE_READY_FILE"\n'
                                        'for i in $(seq 600); do sleep 0.1; done\nexit 0')
     proc = shell(tmp_path, launcher)
-    deadline = time.monotonic() + 30
-    while not ready.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    ready = tmp_path / "run" / f".ready-pid{proc.pid}-0"
+    wait_for(ready)
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=60)
     assert got.read_text().strip() == "USR1"
     assert "status=75" in out and "forwarding to launcher pid" in out and "trainer exited with status 75" in out
+    assert not ready.exists()
+
+
+def test_a_stop_signal_before_every_rank_is_ready_ends_the_launcher_and_gives_75(tmp_path):
+    """Issue 18, defect 12: before the ready file exists (ranks still starting: interpreter,
+    MPI_Init, no stop handler yet) a stop is not passed on (it would kill a rank, and the job
+    would not be requeued); the launcher is ended with SIGTERM and the status is 75."""
+    started, got = tmp_path / "started", tmp_path / "got"
+    launcher = fake_launcher(tmp_path, f'trap \'echo USR1 >> "{got}"; exit 1\' USR1\n'
+                                       f'trap \'echo TERM >> "{got}"; exit 143\' TERM\ntouch "{started}"\n'
+                                       'for i in $(seq 600); do sleep 0.1; done\nexit 0')
+    proc = shell(tmp_path, launcher)
+    wait_for(started)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert got.read_text().split() == ["TERM"], out
+    assert "before every rank was ready" in out and "trainer exited with status 143" in out, out
+    assert "status=75" in out, out

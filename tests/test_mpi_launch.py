@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import find_mpiexec
+from hpc_sparse.runtime.launcher import find_mpiexec
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = find_mpiexec()
@@ -36,12 +36,28 @@ def test_a_failing_rank_ends_the_job_quickly(tmp_path, mode):
         assert "rank 1/2" in proc.stderr and "injected failure on rank 1" in proc.stderr
 
 
-def test_user_error_on_all_ranks_exits_with_message(tmp_path):
-    proc, seconds = mpiexec(2, sys.executable, "-m", "mpi4py", "-m", "hpc_sparse", "train", "--config",
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_user_error_on_all_ranks_exits_with_message(tmp_path, ranks):
+    """A data-shape error is raised by every rank at once: one line, not one per rank and an
+    abort of the job (issue 18, defect 14)."""
+    proc, seconds = mpiexec(ranks, sys.executable, "-m", "mpi4py", "-m", "hpc_sparse", "train", "--config",
                             "configs/synthetic-quick.toml", "--set", "model.layers=[7,4]",
                             "--run-dir", str(tmp_path), timeout=120)
-    assert proc.returncode != 0 and seconds < 60
-    assert "model.layers starts with 7 inputs" in proc.stderr
+    assert proc.returncode == 2 and seconds < 60
+    assert proc.stderr.count("model.layers starts with 7 inputs") == 1, proc.stderr
+    assert "rank 1/" not in proc.stderr
+
+
+def test_a_config_error_exits_2_with_one_line_and_no_abort(tmp_path):
+    """Issue 18, defect 9: a bad config is agreed by all ranks and leaves like status 75
+    (MPI_Finalize, exit 2), not through MPI_Abort, which srun would report as 137."""
+    proc, seconds = mpiexec(2, sys.executable, "-m", "mpi4py", "-m", "hpc_sparse", "train", "--config",
+                            "configs/synthetic-quick.toml", "--set", "train.lr=-1", "--run-dir", str(tmp_path / "r"),
+                            timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == ["hpc-sparse: error: config key 'train.lr' is -1.0 but must be > 0.0; fix: set a value in range"]
+    assert not (tmp_path / "r").exists()
 
 
 def test_quickstart_two_ranks_trains(tmp_path):

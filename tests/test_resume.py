@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import find_mpiexec
+from hpc_sparse.runtime.launcher import find_mpiexec
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = find_mpiexec()
@@ -66,6 +66,8 @@ def test_killed_while_checkpointing_then_resumed_matches(tmp_path, reference, ra
     assert len(committed) == 1  # the first checkpoint (rounded up to a sync point), not the killed one
     resumed = train(ranks, tmp_path, "--resume", "auto")
     assert "resumed from" in resumed.stderr and committed[0] in resumed.stderr
+    # under the run dir's lock, the resumed job removed what the killed save left
+    assert "removed .tmp-step-" in resumed.stderr and not any(p.name.startswith(".tmp-") for p in ck.iterdir())
     assert sha(tmp_path) == reference[ranks]
 
 
@@ -125,7 +127,9 @@ def test_explicit_corrupt_checkpoint_is_refused_and_kept(tmp_path):
     assert proc.returncode == 2 and str(ck) in proc.stderr and "fix" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert shard.read_bytes() == bytes(raw)  # never deleted or rewritten
-    auto = train(1, tmp_path, "--resume", "auto")  # auto skips it, says so, and starts fresh
+    refused = train(1, tmp_path, "--resume", "auto", check=False)  # its only checkpoint: no silent fresh start
+    assert refused.returncode == 2 and "--fresh-if-none-valid" in refused.stderr and ck.is_dir()
+    auto = train(1, tmp_path, "--resume", "auto", "--fresh-if-none-valid")  # skips it, says so, starts fresh
     assert "skipping invalid checkpoint" in auto.stderr
     # the fresh run left that line of the run: the corrupt one is set aside, renamed, unchanged
     kept = list((tmp_path / "checkpoints").glob(f"{ck.name}.invalid-*"))
@@ -195,3 +199,55 @@ def test_checkpoint_records_the_cpu_and_resume_says_what_it_means(tmp_path):
     assert "Another CPU 9000" in other.stderr and "may differ from an uninterrupted run by rounding" in other.stderr
     assert sha(tmp_path / "a") == sha(tmp_path / "b")  # (here it is the same CPU, really)
 
+
+
+LOCAL_PHASE_RESUME = """
+import sys
+from pathlib import Path
+from mpi4py import MPI
+from hpc_sparse.config import load_config
+from hpc_sparse.errors import UserError
+from hpc_sparse.train import Trainer
+
+cfg = load_config("configs/synthetic-quick.toml", sys.argv[2:])
+try:
+    Trainer(cfg, MPI.COMM_WORLD, Path(sys.argv[1]), quiet=True).run("auto")
+    print("resumed", flush=True)
+except UserError as exc:
+    print(f"refused on rank {MPI.COMM_WORLD.Get_rank()}: {exc}", flush=True)
+"""
+
+
+def test_a_wasap_local_phase_checkpoint_on_more_ranks_is_refused_by_every_rank(tmp_path):
+    """Issue 18, defect 6: a checkpoint of per-rank models written by 2 ranks, resumed on 3.
+    Only the extra rank used to raise: under `-m mpi4py` the job died with status 2 and no
+    message, and from Python the other ranks blocked in an Allreduce. Now every rank refuses
+    it, from the manifest, before loading: one line on rank 0, status 2."""
+    wasap = ["--set", 'parallel.mode="wasap"', "--set", "parallel.async_fraction=0.5", "--set",
+             "checkpoint.every_steps=20", "--set", "checkpoint.keep=50"]
+    train(2, tmp_path / "two", *wasap)
+    local = [p for p in sorted((tmp_path / "two" / "checkpoints").glob("step-*"))
+             if json.loads((p / "manifest.json").read_text())["meta"]["schedule_state"].get("phase") == "local"]
+    assert local, "the run should have checkpointed in its local phase"
+    run_dir = tmp_path / "three"
+    shutil.copytree(local[0], run_dir / "checkpoints" / local[0].name)
+    t0 = time.monotonic()
+    proc = train(3, run_dir, *wasap, "--resume", "auto", check=False)
+    assert proc.returncode == 2 and time.monotonic() - t0 < 120, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "one model per rank, written by 2 rank(s)" in lines[0] and "fix:" in lines[0], \
+        proc.stderr[-3000:]
+    script = tmp_path / "resume_local.py"
+    script.write_text(LOCAL_PHASE_RESUME)
+    overrides = [a for a in ARGS + list(wasap) if a != "--set" and a != "--config" and not a.endswith(".toml")]
+    try:
+        py = subprocess.run([MPIEXEC, "-n", "3", sys.executable, str(script), str(run_dir), *overrides],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=ENV)
+    except subprocess.TimeoutExpired:
+        pytest.fail("used from Python, ranks were left waiting for the one that refused")
+    assert py.returncode == 0 and py.stdout.count("refused on rank") == 3, py.stdout + py.stderr[-2000:]
+    # evaluate reads it on any number of ranks, every rank loading rank 0's model (agreed loader)
+    ev = subprocess.run(launch(3, "-m", "mpi4py", "-m", "hpc_sparse", "evaluate", "--run-dir", str(run_dir)),
+                        capture_output=True, text=True, timeout=120, cwd=ROOT, env=ENV)
+    rank0 = json.loads((local[0] / "manifest.json").read_text())["meta"]["rank_model_sha256"][0]
+    assert ev.returncode == 0 and json.loads(ev.stdout)["model_sha256"] == rank0, ev.stderr[-2000:]

@@ -108,13 +108,13 @@ def test_reads_os_environ_by_default(monkeypatch):
 
 def test_exit_requeue_value_is_the_one_the_job_scripts_requeue_on():
     """The trainer's stop status and the status jobs/_run_training.sh requeues on are one value,
-    and the CLI's and README's exit-status tables name it."""
+    and the CLI's and the docs' exit-status tables name it."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     shell = (root / "jobs" / "_run_training.sh").read_text()
     assert f"HS_EXIT_REQUEUE={EXIT_REQUEUE}\n" in shell
-    assert f"| {EXIT_REQUEUE} | stopped by SIGUSR1/SIGTERM" in (root / "README.md").read_text()
+    assert f"| {EXIT_REQUEUE} | stopped by SIGUSR1/SIGTERM" in (root / "docs" / "running.md").read_text()
     import hpc_sparse.cli as cli
 
     assert f"{EXIT_REQUEUE} stopped by a signal" in cli.__doc__

@@ -1,5 +1,6 @@
 """Shared helpers for the benchmark tools: thread control, the machine's measured bound
-(STREAM triad bandwidth, float32 GEMM peak), RSS readings, timing and JSON output.
+(memory bandwidth, float32 GEMM peak, the traffic bound of a training step), RSS readings,
+timing and JSON output.
 
 Every figure here is *measured on this machine in the same run*; nothing is a datasheet
 number. Tools print one JSON line per result.
@@ -77,20 +78,62 @@ def _triad(a, b, c, s):  # pragma: no cover - numba
             a[i] = b[i] + s * c[i]
 
 
-def stream_triad_bandwidth(n: int = 1 << 25, repeats: int = 7) -> float:
-    """Best-of STREAM triad ``a = b + s*c`` over float64 arrays of ``n`` elements (256 MiB each
-    by default, far above any cache), counted as 24 bytes per element (STREAM's rule).
-    Runs at the current numba thread count. Returns bytes/second."""
-    a = np.zeros(n)
-    b = np.ones(n)
-    c = np.full(n, 2.0)
-    _triad(a, b, c, 3.0)
-    best = float("inf")
-    for _ in range(repeats):
+@njit(parallel=True, cache=True, fastmath=True)
+def _read_sum(b):  # pragma: no cover - numba
+    n = b.shape[0]
+    nchunk = 64
+    step = (n + nchunk - 1) // nchunk
+    part = np.zeros(nchunk)
+    for t in prange(nchunk):
+        lo = t * step
+        hi = min(n, lo + step)
+        s = 0.0
+        for i in range(lo, hi):
+            s += b[i]
+        part[t] = s
+    return part.sum()
+
+
+class BandwidthProbe:
+    """Streaming passes over float64 arrays of ``n`` elements (256 MiB each by default, far above
+    any cache) at the current numba thread count, to be timed beside the steps they bound.
+    Each pass times itself and the probe keeps every kind's fastest pass.
+
+    * ``read``: a sum over one array, 8 B per element and nothing written: the purest measure
+      of how fast the memory system delivers bytes to these cores.
+    * ``triad``: STREAM's ``a = b + s*c``. STREAM counts 24 B per element, but a normal store
+      first reads the line it writes (write-allocate), so the memory moved 32 B per element;
+      :meth:`bound_bps` counts 32, :meth:`triad_stream_bps` reports STREAM's 24.
+    """
+
+    def __init__(self, n: int = 1 << 25) -> None:
+        self.n = n
+        self.a, self.b, self.c = np.zeros(n), np.ones(n), np.full(n, 2.0)
+        self.best = {"read": math.inf, "triad": math.inf}
+        _read_sum(self.b)  # compile or load, and fault the pages in
+        _triad(self.a, self.b, self.c, 3.0)
+
+    def _timed(self, kind: str, fn: Callable[[], Any]) -> None:
         t0 = time.perf_counter()
-        _triad(a, b, c, 3.0)
-        best = min(best, time.perf_counter() - t0)
-    return 24.0 * n / best
+        fn()
+        self.best[kind] = min(self.best[kind], time.perf_counter() - t0)
+
+    def read(self) -> None:
+        self._timed("read", lambda: _read_sum(self.b))
+
+    def triad(self) -> None:
+        self._timed("triad", lambda: _triad(self.a, self.b, self.c, 3.0))
+
+    def triad_stream_bps(self) -> float:
+        """The fastest triad in STREAM's convention (24 B per element), bytes/second."""
+        return 24.0 * self.n / self.best["triad"]
+
+    def bound_bps(self) -> float:
+        """The bandwidth the traffic bound divides by: the larger of the fastest read pass and
+        the fastest triad counted with its write-allocate reads (32 B per element), bytes/second.
+        Fastest, not median: the bound needs the most the memory delivered at this thread
+        count in this run, and a load spike only ever slows a pass down."""
+        return max(8.0 * self.n / self.best["read"], 32.0 * self.n / self.best["triad"])
 
 
 def gemm_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -109,13 +152,6 @@ def gemm_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n ** 3 / best
 
 
-def triad_step(n: int = 1 << 25) -> tuple[Callable[[], None], float]:
-    """One STREAM triad pass over float64 arrays of ``n`` elements, as a closure, and the bytes
-    it counts (24 per element), for timing side by side with other steps."""
-    a, b, c = np.zeros(n), np.ones(n), np.full(n, 2.0)
-    return (lambda: _triad(a, b, c, 3.0)), 24.0 * n
-
-
 def gemm_step(n: int = 2048) -> tuple[Callable[[], None], float]:
     """One float32 n x n matmul at the current BLAS thread count, as a closure, and its flops."""
     rng = np.random.default_rng(0)
@@ -125,10 +161,18 @@ def gemm_step(n: int = 2048) -> tuple[Callable[[], None], float]:
     return (lambda: np.matmul(a, b, out=c)), 2.0 * n ** 3
 
 
-def machine_bound(threads: int) -> dict[str, float]:
-    """STREAM-triad bandwidth and GEMM peak at ``threads`` threads, measured now."""
+def machine_bound(threads: int, repeats: int = 7) -> dict[str, float]:
+    """At ``threads`` threads, measured now: the best STREAM triad (``stream_triad_GBps``, 24 B per
+    element), the bandwidth the traffic bound uses (``bound_GBps``, :class:`BandwidthProbe`) and
+    the GEMM peak."""
     set_threads(threads)
-    return {"stream_triad_GBps": stream_triad_bandwidth() / 1e9, "gemm_peak_GFLOPps": gemm_peak() / 1e9}
+    probe = BandwidthProbe()
+    for _ in range(repeats):
+        for step in (probe.read, probe.triad):
+            time.sleep(SETTLE_SECONDS)
+            step()
+    return {"stream_triad_GBps": probe.triad_stream_bps() / 1e9, "bound_GBps": probe.bound_bps() / 1e9,
+            "gemm_peak_GFLOPps": gemm_peak() / 1e9}
 
 
 # -------------------------------------------------------------------------- memory
@@ -258,19 +302,133 @@ def epsilon_for_density(n_in: int, n_out: int, density: float) -> float:
 
 
 # ---------------------------------------------------------------------- traffic bound
-def layer_bound_bytes(n_in: int, n_out: int, nnz: int, batch: int, cache: int) -> float:
-    """Bytes one training step must move for one layer (n_in, n_out, nnz) at ``batch`` samples,
-    given a last-level cache of ``cache`` bytes: the best batch chunk ``c`` of the cache-blocked
-    scheme, with the output side in column blocks whose rows fit in the cache. The formula is
-    written out in ``tools/bench_width.py``'s docstring."""
-    best = math.inf
-    rows = 13 * n_out * batch
-    for c in sorted({*range(16, batch, 16), batch}):
-        chunks = batch / c
-        if n_out * min(c, 16) * 4 > cache:  # not even one line per row fits: every gather misses
-            b = 2 * nnz * (batch / 16) * 64 + 28 * nnz * chunks + 16 * n_in * batch + rows
+
+
+def onchip_cache_bytes() -> int:
+    """Every data or unified cache of the CPUs this process may run on, all levels, each
+    shared cache counted once (sysfs); 64 MiB when sysfs says nothing. It ignores
+    ``HPC_SPARSE_CACHE_BYTES``, which shrinks the product's blocking budget but not the chip."""
+    seen: set[tuple[str, str, str]] = set()
+    total = 0
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = list(range(os.cpu_count() or 1))
+    for cpu in cpus:
+        for index in glob.glob(f"/sys/devices/system/cpu/cpu{cpu}/cache/index*"):
+            try:
+                fields = {k: open(os.path.join(index, k)).read().strip()
+                          for k in ("level", "type", "size", "shared_cpu_list")}
+            except OSError:
+                continue
+            key = (fields["level"], fields["type"], fields["shared_cpu_list"])
+            text = fields["size"]
+            if fields["type"] == "Instruction" or key in seen or not text.rstrip("KMGkmg").isdigit():
+                continue
+            seen.add(key)
+            total += int(text.rstrip("KMGkmg")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    return total or 64 << 20
+
+
+def _step_values(shapes: list[tuple[int, int, int]], batch: int, act_bytes: int, index_bytes: int
+                 ) -> list[tuple[float, int, tuple[int, ...], bool]]:
+    """The values of one step as ``(bytes, phase that makes it or -1, phases that use it, used
+    by the next step)``; phase ``l`` is forward[l], phase ``2L-1-l`` is backward[l]."""
+    n_layers = len(shapes)
+    fwd = list(range(n_layers))
+    bwd = [2 * n_layers - 1 - l for l in range(n_layers)]
+    e = act_bytes
+    vals = [(float(e * shapes[0][0] * batch), -1, (fwd[0], bwd[0]), False)]  # the batch
+    for l, (n_in, n_out, nnz) in enumerate(shapes):
+        vals.append((float(index_bytes * nnz + 4 * (nnz + n_out)), -1, (fwd[l], bwd[l]), False))
+        vals.append((float(4 * (nnz + n_out)), -1, (bwd[l],), False))
+        vals.append((float(8 * (nnz + n_out)), bwd[l], (), True))
+        if l < n_layers - 1:
+            vals.append((float(e * n_out * batch), fwd[l], (fwd[l + 1], bwd[l + 1]), False))
         else:
-            blocks = max(1, math.ceil(n_out * c * 4 / cache))
-            b = chunks * 28 * nnz + blocks * 16 * n_in * batch + rows
-        best = min(best, b)
-    return best
+            vals.append((float(e * n_out * batch), fwd[l], (bwd[l],), False))
+        if l > 0:
+            vals.append((float(e * n_in * batch), bwd[l], (bwd[l - 1],), False))
+    return vals
+
+
+def step_bound_bytes(shapes: list[tuple[int, int, int]], batch: int, cache: int | None = None,
+                     act_bytes: int = 4, index_bytes: int = 4) -> float:
+    """Lower bound on the DRAM bytes of one training step.
+
+    ``shapes``: per layer ``(n_in, n_out, nnz)``; ``cache``: bytes of cache credited to each
+    window (default :func:`onchip_cache_bytes`); ``act_bytes``: bytes per stored activation or
+    delta element; ``index_bytes``: bytes per column index.
+
+    The traffic bound is a lower bound on the DRAM traffic of one training step, divided by the
+    highest memory bandwidth measured in the same run at the same thread count.
+
+    Which executions it covers: every execution of the product's step in its storage format:
+    layer by layer, the forward pass of layers 0..L-1, then the softmax loss, then the backward
+    pass of layers L-1..0 (each layer's backward = gradient into the layer below, SDDMM weight
+    gradient, SGD-momentum step), with the forward activations stored for the backward pass (not
+    recomputed); float32 weight values, momentum and biases, ``index_bytes`` per column index
+    (int32: 4), activations and deltas at ``act_bytes`` per element (float32: 4, bfloat16: 2).
+    Within a layer's pass anything goes: any order, blocking, batch chunking, fusion, thread count.
+
+    Which bytes: the 2L passes are *phases*; a window is a run of consecutive phases. A window
+    must read every value it uses that was made before it (by an earlier phase, or before the
+    step: weights, momentum, the batch) and must leave in memory every value it makes that is
+    used after it (by a later phase, or by the next step: the updated weights and momentum).
+    Per layer (n_in, n_out, nnz), batch B, ``e = act_bytes``:
+
+        made before the step, used by forward[l] and backward[l]:
+            column indices        index_bytes * nnz
+            weights and bias      4 * (nnz + n_out)
+            the batch (layer 0)   e * n_in * B  (read as float32; e is a floor)
+        made before the step, used by backward[l]:   momentum   4 * (nnz + n_out)
+        made by backward[l], used by the next step:  weights and momentum   8 * (nnz + n_out)
+        made by forward[l], used by forward[l+1] and backward[l+1]:  activation   e * n_out * B
+            (the last layer: logits, used by backward[L-1] through the loss)
+        made by backward[l] (l > 0), used by backward[l-1]:  delta into the layer below   e * n_in * B
+
+    Not counted, because an execution need not move it: row pointers, the dropout mask (a
+    counter hash, recomputable), pre-activations (a piecewise-linear derivative needs one bit,
+    and often none), and every re-read of the random-access side: how often a row that does not
+    fit in the cache must be fetched depends on the plan, and no plan-independent bound with a
+    usable constant is known, so a plan model (blocks x chunks) is a prediction, not a bound.
+
+    Why no execution can move fewer: at the start of a window the caches hold at most ``C``
+    bytes, so a window that reads ``D`` bytes made before it reads at least ``D - C`` from
+    memory; at its end at most ``C`` of the ``P`` bytes it made for later can still be in cache,
+    so it wrote at least ``P - C`` to memory. Windows are disjoint in time, so for any partition
+    of the 2L phases into windows
+
+        bytes >= sum over windows of max(0, D - C) + max(0, P - C)
+
+    and the bound is the best partition (dynamic programming over the phases). ``C`` is every
+    data cache the OS reports for this process's CPUs, all levels added up
+    (:func:`onchip_cache_bytes`): counting more cache than there is only lowers the bound. When
+    a step's data fit in the caches the bound is 0 bytes and no DRAM traffic is compulsory.
+
+    At what bandwidth: :meth:`BandwidthProbe.bound_bps`, the fastest streaming pass of the same
+    run at the same thread count (read-only, or triad counted with its write-allocate reads).
+    No access pattern moves data between DRAM and these cores faster than streaming does;
+    measured in the same run, under the same load, the division gives a time that the step
+    cannot beat unless the machine's speed changed between the two measurements.
+    """
+    cache = onchip_cache_bytes() if cache is None else cache
+    vals = _step_values(shapes, batch, act_bytes, index_bytes)
+    n_phases = 2 * len(shapes)
+
+    def window(p: int, q: int) -> float:
+        before = sum(b for b, made, used, _ in vals if made < p and any(p <= u <= q for u in used))
+        later = sum(b for b, made, used, kept in vals if p <= made <= q and (kept or any(u > q for u in used)))
+        return max(0.0, before - cache) + max(0.0, later - cache)
+
+    best = [0.0] + [-math.inf] * n_phases  # best[j]: best partition of phases 0..j-1
+    for j in range(1, n_phases + 1):
+        best[j] = max(best[i] + window(i, j - 1) for i in range(j))
+    return best[n_phases]
+
+
+def model_bound_bytes(model, batch: int, act_bytes: int = 4) -> float:  # noqa: ANN001
+    """:func:`step_bound_bytes` of a SparseMLP (its index dtype, the machine's caches)."""
+    shapes = [(l.shape[0], l.shape[1], l.nnz) for l in model.layers]
+    index_bytes = min(l.weight.indices.itemsize for l in model.layers)
+    return step_bound_bytes(shapes, batch, act_bytes=act_bytes, index_bytes=index_bytes)

@@ -53,12 +53,33 @@ class Study:
     claim: str  # what the paper claims, to compare against
     cells: list[Cell]
     exclusive: bool  # its timings matter: run alone on the machine
-    extra_metric: str | None = None  # a third figure panel: "seconds_per_epoch" | "nnz" | "hidden_neurons"
+    extra_metric: str | None = None  # a third figure panel: "seconds_per_epoch" | "nnz" | "curve_nnz"
     notes: list[str] = field(default_factory=list)
 
 
-def studies(epochs: int) -> dict[str, Study]:
-    """Every study, for runs of ``epochs`` epochs."""
+STRUCTURES = ((2, 4), (1, 16))  # the N:M constraints of the structure study
+
+
+def structure_notes(base: Any) -> list[str]:
+    """The structure study's notes, computed from the base config ``base`` (a Config): the
+    Erdős–Rényi density each constrained layer gets from model.epsilon, and how full that
+    leaves each N:M cap."""
+    from hpc_sparse.topology.init import er_probability
+
+    eps, widths = base.model.epsilon, base.model.layers
+    dens = [er_probability(a, b, eps) for a, b in zip(widths[:-2], widths[1:-1])]  # all but the output layer
+    lo, hi = min(dens), max(dens)
+    caps = "; ".join(f"{n}:{m} allows {100 * n / m:g}%, so the layers are filled to {lo * m / n:.0%}-{hi * m / n:.0%} "
+                     "of the cap" for n, m in STRUCTURES)
+    return [f"Every cell keeps the base model.epsilon ({eps:g} in the base config), which sets the nnz: a structured "
+            "layer draws the same Binomial nnz as the unstructured layer of the same seed, so all cells have "
+            "exactly the same nnz per seed; N:M is only a cap. The constrained layers (all but the output layer) "
+            f"have expected densities {lo:.1%}-{hi:.1%} (Erdős–Rényi, from model.epsilon); {caps}."]
+
+
+def studies(epochs: int, base: Any = None) -> dict[str, Study]:
+    """Every study, for runs of ``epochs`` epochs. ``base``: the resolved base Config, for
+    the notes that depend on it (left out when None)."""
     start, every = scaled_importance_schedule(epochs)
     prune = ("importance.enabled=true", f"importance.start_epoch={start}", f"importance.every={every}",
              f"importance.percentile={PAPER_PRUNE_Q}")
@@ -71,8 +92,8 @@ def studies(epochs: int) -> dict[str, Study]:
                Cell("parallel", "WASAP-SGD, P=2", 2, ("parallel.mode=wasap",)),
                Cell("parallel", "WASAP-SGD, P=3", 3, ("parallel.mode=wasap",))],
               exclusive=True, extra_metric="seconds_per_epoch",
-              notes=["Every rank uses 1 thread; P=3 oversubscribes a 2-core machine, so its time per epoch "
-                     "says little about speed there.",
+              notes=["--quick runs every rank with 1 thread; where P exceeds the machine's cores (P=3 on 2 "
+                     "cores), the time per epoch says little about speed.",
                      "sync mode multiplies the learning rate by P (parallel.lr_scaling=linear); WASAP-SGD "
                      "uses it unscaled, as the paper's code does."]),
         Study("activation", "All-ReLU vs ReLU vs LeakyReLU",
@@ -93,13 +114,19 @@ def studies(epochs: int) -> dict[str, Study]:
               "importance pruning removes hidden neurons, shrinking the network and the time per epoch, "
               "without losing accuracy",
               [Cell("importance", "pruning off", 1, ("importance.enabled=false",)),
-               Cell("importance", "pruning on", 1, prune)],
-              exclusive=True, extra_metric="hidden_neurons",
+               Cell("importance", "pruning on: remove neurons", 1, (*prune, "importance.mode=remove")),
+               Cell("importance", "pruning on: empty columns (paper)", 1, (*prune, "importance.mode=empty"))],
+              exclusive=True, extra_metric="curve_nnz",
               notes=[f"The paper's schedule (q = {PAPER_PRUNE_Q}, after epoch {PAPER_PRUNE_START} every "
                      f"{PAPER_PRUNE_EVERY} of ~{PAPER_EPOCHS}) scaled to {epochs} epochs: start after "
                      f"{PAPER_PRUNE_START}/{PAPER_EPOCHS} of the epochs (importance.start_epoch={start}), then "
                      f"every {PAPER_PRUNE_EVERY}/{PAPER_EPOCHS} of them, at least 1 (importance.every={every}): "
-                     f"{n_prunes} pruning(s), never after the last epoch, against the paper's 14."]),
+                     f"{n_prunes} pruning(s), never after the last epoch, against the paper's 14.",
+                     "remove (importance.mode=remove): pruned neurons are deleted, the percentile is taken over "
+                     "the remaining ones. empty (importance.mode=empty, the paper's): a pruned neuron's incoming "
+                     "connections are dropped, the neuron stays (hidden neurons do not change), counts in the "
+                     "next percentile, and SET may connect it again; 'without inputs' counts the neurons that "
+                     "have no incoming connection at the end."]),
         Study("density", "Density: epsilon 5, 10, 20, 40",
               "sparse networks keep most of the accuracy at a fraction of the connections",
               [Cell("density", f"epsilon {e}", 1, (f"model.epsilon={e}",)) for e in (5, 10, 20, 40)],
@@ -111,15 +138,9 @@ def studies(epochs: int) -> dict[str, Study]:
                *[Cell("structure", f"{'transposable ' if t else ''}{n}:{m}", 1,
                       (f"topology.structure={'nm_transposable' if t else 'nm'}", f"topology.nm_n={n}",
                        f"topology.nm_m={m}"))
-                 for n, m in ((2, 4), (1, 16)) for t in (False, True)]],
+                 for n, m in STRUCTURES for t in (False, True)]],
               exclusive=False, extra_metric="nnz",
-              notes=["Every cell keeps the base model.epsilon (20 in configs/fashion-mnist.toml), which sets "
-                     "the nnz: a structured layer draws the same Binomial nnz as the unstructured layer of "
-                     "the same seed, so all cells have exactly the same nnz per seed; N:M is only a cap. "
-                     "Hidden and input layers are constrained (densities 4.0-4.6%), the output layer is not.",
-                     "2:4 allows up to 50% density, so at 4% it rarely binds (a random mask seldom puts 3 of "
-                     "4 block entries in one column); 1:16 allows 6.25%, so the layers are filled to 64-73% "
-                     "of the cap and the constraint shapes the mask."]),
+              notes=structure_notes(base) if base is not None else []),
     ]}
 
 
@@ -165,7 +186,8 @@ def make_plan(base_config: Path, epochs: int, seeds: list[int], names: list[str]
     merge those that resolve to the same configuration."""
     from hpc_sparse.config import load_config
 
-    chosen = {k: v for k, v in studies(epochs).items() if k in names}
+    base = load_config(base_config, [f"train.epochs={epochs}"])
+    chosen = {k: v for k, v in studies(epochs, base).items() if k in names}
     by_sig: dict[str, Run] = {}
     serves: dict[Run, list[tuple[str, Cell, int]]] = {}
     for study in chosen.values():
@@ -186,9 +208,11 @@ def make_plan(base_config: Path, epochs: int, seeds: list[int], names: list[str]
     return Plan(base_config, epochs, seeds, chosen, runs, serves, {s: r for s, r in by_sig.items()})
 
 
-def sweep_lines(plan: Plan, config_arg: str) -> tuple[list[str], list[tuple[int, int, int]]]:
-    """The plan as jobs/sweep.sbatch lines (config path, then k=v words), ordered by rank count,
-    and the (ranks, first index, last index) ranges to submit with ``--ntasks=ranks``."""
+def sweep_lines(plan: Plan, config_arg: str, environment: tuple[str, ...] | list[str] = ()
+                ) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """The plan as jobs/sweep.sbatch lines (config path, then k=v words, then ``environment``:
+    overrides of ENVIRONMENT_KEYS such as data.path), ordered by rank count, and the
+    (ranks, first index, last index) ranges to submit with ``--ntasks=ranks``."""
     lines: list[str] = []
     ranges: list[tuple[int, int, int]] = []
     for ranks in sorted({r.ranks for r in plan.runs}):
@@ -196,6 +220,6 @@ def sweep_lines(plan: Plan, config_arg: str) -> tuple[list[str], list[tuple[int,
         for run in sorted((r for r in plan.runs if r.ranks == ranks), key=lambda r: (r.sets[2:], r.seed)):
             if any(" " in s for s in run.sets):
                 raise ValueError(f"override {run.sets} has a space; sweep files split words on spaces")
-            lines.append(" ".join([config_arg, *run.sets]))
+            lines.append(" ".join([config_arg, *run.sets, *environment]))
         ranges.append((ranks, first, len(lines) - 1))
     return lines, ranges

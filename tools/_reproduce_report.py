@@ -1,81 +1,138 @@
 """Finished runs -> per-study markdown table, JSON file and PNG figure (tools/reproduce.py).
 
 A run's figures come only from its own files: ``config.json`` (what it computed),
-``summary.json`` (final accuracy, nnz, hidden neurons, ranks) and ``metrics.jsonl`` (per-epoch
-accuracy, neurons and seconds). Every cell is the mean and the sample standard deviation
-(ddof = 1) over its seeds.
+``summary.json`` (final accuracy, nnz, hidden neurons, ranks, model_sha256) and
+``metrics.jsonl`` (per-epoch accuracy, neurons, nnz and seconds). Every cell is the mean and
+the sample standard deviation (ddof = 1) over its seeds.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from _reproduce_plan import Plan, Run, Study, signature
 
 
-def read_run(run_dir: Path) -> dict[str, Any] | None:
-    """The figures of one finished run folder, or None if it is not one (no summary.json)."""
+class NotARun(Exception):
+    """A folder with a summary.json that is not a finished training run of ``hpc-sparse train``;
+    the message says why."""
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """The figures of one finished training run folder; :class:`NotARun` (saying why) otherwise."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
         summary = json.loads((run_dir / "summary.json").read_text())
         metrics = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines() if s.strip()]
-    except (OSError, ValueError):
-        return None
-    if not metrics or summary.get("epochs_completed") != config["train"]["epochs"]:
-        return None  # stopped early (max_steps, a signal not yet resumed): not a finished run
-    initial_hidden = sum(config["model"]["layers"][1:-1])
-    seconds = [m["epoch_seconds"] for m in metrics]
-    return {
-        "run_dir": str(run_dir), "signature": signature(config, int(summary["ranks"])),
-        "test_accuracy": float(summary["test_accuracy"]), "best_test_accuracy": float(summary["best_test_accuracy"]),
-        "nnz": int(summary["nnz"]), "hidden_neurons": int(summary["hidden_neurons"]),
-        "neurons_removed": initial_hidden - int(summary["hidden_neurons"]),
-        "seconds_per_epoch": statistics.median(seconds),
-        "late_seconds_per_epoch": statistics.fmean(seconds[-3:]),
-        "model_sha256": summary.get("model_sha256"),
-        "curve_test_accuracy": [m["test_accuracy"] for m in metrics],
-        "curve_hidden_neurons": [m["neurons"] for m in metrics],
-    }
+    except (OSError, ValueError) as exc:
+        raise NotARun(f"no readable config.json, summary.json and metrics.jsonl ({exc})") from None
+    if "converted_from" in summary:
+        raise NotARun("an `hpc-sparse convert` output, not a training run")
+    try:
+        epochs = config["train"]["epochs"]
+        if not metrics or summary["epochs_completed"] != epochs:
+            # stopped early (max_steps, a signal not yet resumed): not a finished run
+            raise NotARun(f"unfinished ({summary['epochs_completed']} of {epochs} epochs)")
+        initial_hidden = sum(config["model"]["layers"][1:-1])
+        seconds = [m["epoch_seconds"] for m in metrics]
+        return {
+            "run_dir": str(run_dir), "signature": signature(config, int(summary["ranks"])),
+            "test_accuracy": float(summary["test_accuracy"]),
+            "best_test_accuracy": float(summary["best_test_accuracy"]),
+            "nnz": int(summary["nnz"]), "hidden_neurons": int(summary["hidden_neurons"]),
+            "neurons_removed": initial_hidden - int(summary["hidden_neurons"]),
+            "neurons_without_inputs": summary.get("neurons_without_inputs"),  # None: written before it existed
+            "seconds_per_epoch": statistics.median(seconds),
+            "late_seconds_per_epoch": statistics.fmean(seconds[-3:]),
+            "model_sha256": summary["model_sha256"],
+            "curve_test_accuracy": [m["test_accuracy"] for m in metrics],
+            "curve_hidden_neurons": [m["neurons"] for m in metrics],
+            "curve_nnz": [m.get("nnz") for m in metrics],
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NotARun(f"its files lack {exc!r} (not written by `hpc-sparse train`?)") from None
 
 
-def collect(plan: Plan, roots: list[Path]) -> dict[Run, dict[str, Any]]:
-    """Find the plan's finished runs under ``roots`` (any depth), matched by configuration."""
-    found: dict[Run, dict[str, Any]] = {}
+@dataclass
+class Collected:
+    """What :func:`collect` found: the run used for each planned run, every folder that
+    matched one (the used one first), and the folders it skipped, with the reason."""
+
+    found: dict[Run, dict[str, Any]] = field(default_factory=dict)
+    matches: dict[Run, list[dict[str, Any]]] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    other: int = 0  # finished training runs of another configuration
+
+    def report(self, plan: Plan) -> list[str]:
+        """Lines for the user: skipped folders, duplicates and which one is used."""
+        lines = [f"reproduce: skipped {d}: {why}" for d, why in self.skipped]
+        for run, recs in self.matches.items():
+            if len(recs) > 1:
+                cells = ", ".join(sorted({f"{s}/{c.label}" for s, c, _ in plan.serves[run]}))
+                same = len({r["model_sha256"] for r in recs}) == 1
+                lines.append(f"reproduce: {len(recs)} finished runs match {cells}, seed {run.seed} "
+                             f"({'the same' if same else 'different'} model_sha256); using {recs[0]['run_dir']}, "
+                             f"not {', '.join(r['run_dir'] for r in recs[1:])}")
+        if self.other:
+            lines.append(f"reproduce: {self.other} finished run(s) of other configurations or rank counts ignored")
+        return lines
+
+
+def collect(plan: Plan, roots: list[Path]) -> Collected:
+    """Find the plan's finished runs under ``roots`` (any depth), matched by configuration.
+    When several folders match one run, the first by sorted path is used."""
+    out = Collected()
     for root in roots:
         for summary in sorted(root.rglob("summary.json")):
-            rec = read_run(summary.parent)
-            run = plan.signatures.get(rec["signature"]) if rec else None
-            if run is not None and run not in found:
-                found[run] = rec
-    return found
+            try:
+                rec = read_run(summary.parent)
+            except NotARun as exc:
+                out.skipped.append((str(summary.parent), str(exc)))
+                continue
+            run = plan.signatures.get(rec["signature"])
+            if run is None:
+                out.other += 1
+                continue
+            out.matches.setdefault(run, []).append(rec)
+            out.found.setdefault(run, rec)
+    return out
 
 
-def _mean_std(values: list[float]) -> dict[str, Any]:
-    return {"mean": statistics.fmean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else None, "values": values}
+def _mean_std(values: list[float | None]) -> dict[str, Any]:
+    """Mean and sample std of the known values (None: a run that did not record the metric)."""
+    known = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(known) if known else None,
+            "std": statistics.stdev(known) if len(known) > 1 else None, "values": values}
 
 
-METRICS = ("test_accuracy", "best_test_accuracy", "nnz", "hidden_neurons", "neurons_removed", "seconds_per_epoch",
-           "late_seconds_per_epoch")
+METRICS = ("test_accuracy", "best_test_accuracy", "nnz", "hidden_neurons", "neurons_removed",
+           "neurons_without_inputs", "seconds_per_epoch", "late_seconds_per_epoch")
+CURVES = ("curve_test_accuracy", "curve_hidden_neurons", "curve_nnz")
 
 
-def aggregate(plan: Plan, study: Study, found: dict[Run, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per cell: its seeds' figures, mean and std of each metric, mean curves."""
+def aggregate(plan: Plan, study: Study, collected: Collected) -> list[dict[str, Any]]:
+    """One record per cell: its seeds' figures (with each seed's model_sha256 and, if several
+    folders matched, all of them), mean and std of each metric, mean curves."""
+    found = collected.found
     cells = []
     for cell in study.cells:
-        recs = [(seed, found[run]) for run, uses in plan.serves.items() for (s, c, seed) in uses
-                if s == study.name and c == cell and run in found]
-        recs.sort(key=lambda t: t[0])
+        runs = sorted(((seed, run) for run, uses in plan.serves.items() for (s, c, seed) in uses
+                       if s == study.name and c == cell and run in found), key=lambda t: t[0])
+        recs = [(seed, found[run]) for seed, run in runs]
         out = {"label": cell.label, "ranks": cell.ranks, "overrides": list(cell.sets),
                "seeds": [s for s, _ in recs], "n": len(recs), "missing_seeds": sorted(
-                   set(plan.seeds) - {s for s, _ in recs}), "run_dirs": [r["run_dir"] for _, r in recs]}
+                   set(plan.seeds) - {s for s, _ in recs}), "run_dirs": [r["run_dir"] for _, r in recs],
+               "model_sha256": [r["model_sha256"] for _, r in recs],
+               "duplicate_run_dirs": {str(seed): [r["run_dir"] for r in collected.matches[run][1:]]
+                                      for seed, run in runs if len(collected.matches[run]) > 1}}
         for m in METRICS:
             out[m] = _mean_std([r[m] for _, r in recs])
-        for curve in ("curve_test_accuracy", "curve_hidden_neurons"):
-            rows = [r[curve] for _, r in recs]
+        for curve in CURVES:
+            rows = [r[curve] for _, r in recs if None not in r[curve]]
             out[curve] = {"mean": [statistics.fmean(v) for v in zip(*rows)] if rows else [],
                           "std": [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*rows)] if rows else []}
         cells.append(out)
@@ -92,18 +149,21 @@ def _fmt(stat: dict[str, Any], digits: int, scale: float = 1.0) -> str:
 
 
 def markdown(study: Study, cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """The study's table with its claim, setup and notes."""
+    """The study's table with its claim, setup and notes (the importance study also counts the
+    hidden neurons left without inputs)."""
+    inputs = study.name == "importance"
     lines = [f"### {study.title}", "",
              f"Paper's claim: {study.claim}.", "",
              "| setting | ranks | test accuracy (%) | best test accuracy (%) | nnz | hidden neurons | removed | "
-             "s/epoch (median) | s/epoch (last 3) | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             + ("without inputs | " if inputs else "") + "s/epoch (median) | s/epoch (last 3) | seeds |",
+             "|---" * (11 if inputs else 10) + "|"]
     for c in cells:
         seeds = f"{c['n']}" + (f" (missing: {', '.join(map(str, c['missing_seeds']))})" if c["missing_seeds"] else "")
         lines.append(f"| {c['label']} | {c['ranks']} | {_fmt(c['test_accuracy'], 2, 100)} | "
                      f"{_fmt(c['best_test_accuracy'], 2, 100)} | {_fmt(c['nnz'], 0)} | {_fmt(c['hidden_neurons'], 0)} | "
-                     f"{_fmt(c['neurons_removed'], 0)} | {_fmt(c['seconds_per_epoch'], 2)} | "
-                     f"{_fmt(c['late_seconds_per_epoch'], 2)} | {seeds} |")
+                     f"{_fmt(c['neurons_removed'], 0)} | "
+                     + (f"{_fmt(c['neurons_without_inputs'], 0)} | " if inputs else "")
+                     + f"{_fmt(c['seconds_per_epoch'], 2)} | {_fmt(c['late_seconds_per_epoch'], 2)} | {seeds} |")
     lines += ["", f"Mean ± sample std over seeds {', '.join(map(str, meta['seeds']))}; {meta['epochs']} epochs of "
               f"`{meta['config']}`; test accuracy after the last epoch. "
               + ("Runs of this study ran alone on the machine." if study.exclusive else
@@ -149,11 +209,11 @@ def figure(study: Study, cells: list[dict[str, Any]], path: Path) -> None:
 
     bars(axes[1], "test_accuracy", 100, "final test accuracy (%)")
     axes[1].set_title("after the last epoch (mean ± std)")
-    if study.extra_metric == "hidden_neurons":  # the layers shrinking, epoch by epoch
+    if study.extra_metric == "curve_nnz":  # the network shrinking, epoch by epoch
         for c in cells:
-            mean = c["curve_hidden_neurons"]["mean"]
+            mean = c["curve_nnz"]["mean"]
             axes[2].plot(range(1, len(mean) + 1), mean, marker="o", ms=3, label=c["label"])
-        axes[2].set(xlabel="epoch", ylabel="hidden neurons", title="hidden neurons after each epoch (mean)")
+        axes[2].set(xlabel="epoch", ylabel="nnz (connections)", title="connections after each epoch (mean)")
         axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[2].legend(fontsize=8)
         axes[2].grid(alpha=0.3)
@@ -167,9 +227,9 @@ def figure(study: Study, cells: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_study(plan: Plan, study: Study, found: dict[Run, dict[str, Any]], out: Path, meta: dict[str, Any]) -> str:
+def write_study(plan: Plan, study: Study, collected: Collected, out: Path, meta: dict[str, Any]) -> str:
     """Write ``out/<study>.md``, ``.json`` and ``.png``; return the markdown."""
-    cells = aggregate(plan, study, found)
+    cells = aggregate(plan, study, collected)
     text = markdown(study, cells, meta)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{study.name}.md").write_text(text)

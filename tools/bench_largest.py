@@ -3,10 +3,10 @@
 The default is 784-2M-2M-2M-2M-2M-10 (10 M hidden neurons, 200 M connections) at epsilon
 10, batch 64, on the 2-core, 24 GiB machine, trained with float32 and then with bfloat16
 activations (``train.activation_dtype``): one JSON line per dtype, each with the peak RSS of
-its own phase (the kernel's peak-RSS counter is reset in between, where Linux allows it). A dense version would need ~64 TB of float32
-weights alone. ``x_traffic_bound`` compares the step with the time to move the bytes it must
-move given the machine's last-level cache, at the STREAM triad bandwidth measured in the
-same run (the model is written out in ``tools/bench_width.py``).
+its own phase (the kernel's peak-RSS counter is reset in between, where Linux allows it). A
+dense version would need ~64 TB of float32 weights alone. ``x_traffic_bound`` compares the step with its traffic bound: the DRAM bytes no
+execution of the step can avoid, at the fastest memory bandwidth measured in the same run
+(``_bench_common.step_bound_bytes`` says which bytes and why).
 
     python tools/bench_largest.py
     python tools/bench_largest.py --widths 784,4000000,4000000,10 --epsilon 10 --batch 64 --steps 5
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     from hpc_sparse.sparse.blocking import last_level_cache_bytes
     from hpc_sparse.sparse.profile import PhaseTimer
 
-    triad = bc.machine_bound(threads)["stream_triad_GBps"]
+    machine = bc.machine_bound(threads)
     bc.set_threads(threads)
 
     base = bc.rss_bytes()
@@ -76,11 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         model.profile = None
         weights_dense = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
         cache = last_level_cache_bytes()
-        bound_bytes = sum(bc.layer_bound_bytes(l.shape[0], l.shape[1], l.nnz, args.batch, cache)
-                          for l in model.layers)
+        bound_bytes = bc.model_bound_bytes(model, args.batch, act_bytes=2 if dt == "bfloat16" else 4)
         ms = 1e3 * float(np.median(times[1:] if len(times) > 2 else times))
         ms_by_dtype[dt] = ms
-        bound_ms = 1e3 * bound_bytes / (triad * 1e9)
+        bound_ms = 1e3 * bound_bytes / (machine["bound_GBps"] * 1e9)
         plans = model.blocking_plans(args.batch)
         rec = {
             "bench": "largest", "widths": widths, "epsilon": args.epsilon, "batch": args.batch, "steps": args.steps,
@@ -89,8 +88,10 @@ def main(argv: list[str] | None = None) -> None:
             "ms_per_step": ms,
             "ms_first_step": 1e3 * times[0],
             "samples_per_second": args.batch / (ms / 1e3),
-            "traffic_bound_ms": bound_ms, "x_traffic_bound": ms / bound_ms,
-            "bound_bytes": bound_bytes, "stream_triad_GBps": triad, "llc_bytes": cache,
+            "traffic_bound_ms": bound_ms, "x_traffic_bound": (ms / bound_ms) if bound_ms > 0 else None,
+            "bound_bytes": bound_bytes, "bound_GBps": machine["bound_GBps"],
+            "bound_cache_bytes": bc.onchip_cache_bytes(),
+            "stream_triad_GBps": machine["stream_triad_GBps"], "llc_bytes": cache,
             "blocking": [p.describe(args.batch) for p in plans],
             "predicted_bytes": sum(p.stream_bytes for p in plans),
             "predicted_ms": 1e3 * sum(p.seconds for p in plans) / threads,

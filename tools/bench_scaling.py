@@ -26,14 +26,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hpc_sparse.runtime.launcher import find_mpiexec
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(ranks: int, threads: int, config: str, epochs: int, extra: list[str]) -> dict:
     """One training run; its throughput and communication share over epochs 2..E."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"scaling_p{ranks}_t{threads}_"))
-    cmd = [str(Path(sys.executable).with_name("mpiexec")) if Path(sys.executable).with_name("mpiexec").exists()
-           else shutil.which("mpiexec") or "mpiexec", "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m",
+    cmd = [find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m",
            "hpc_sparse", "train", "--config", config, "--run-dir", str(run_dir), "--quiet",
            "--set", f"train.epochs={epochs}", "--set", f"train.threads={threads}",
            "--set", "checkpoint.at_end=false", "--set", "checkpoint.every_seconds=0", *extra]

@@ -9,9 +9,10 @@ Baselines, run in the same process on the same sparsity pattern:
    backward ``W delta``); scipy has no SDDMM, so the gradient at the stored positions is
    a numpy gather-and-dot in chunks; momentum update on the ``data`` vector with numpy.
 
-It also measures the machine's bound in the same run: STREAM triad bandwidth and the
-float32 GEMM peak (numpy matmul) at the same thread count, and derives the step's minimum
-flops (``6 * nnz * batch``: forward, backward, SDDMM) and bytes, then
+It also measures the machine's bound in the same run: memory bandwidth (read-only and STREAM
+triad passes) and the float32 GEMM peak (numpy matmul) at the same thread count, and derives
+the step's minimum flops (``6 * nnz * batch``: forward, backward, SDDMM) and bytes (the
+compulsory DRAM traffic of ``_bench_common.step_bound_bytes``), then
 ``bound_ms = max(flops/peak, bytes/bandwidth)`` and ``x_bound = ms_per_step / bound_ms``.
 
 Every contender (hpc_sparse's ``SparseMLP.train_step``, the baselines, one triad pass, one
@@ -50,20 +51,10 @@ MASKED_DENSE_MAX_BYTES = 8 << 30
 
 
 # ------------------------------------------------------------------------ the bound
-def step_min_bytes(model, batch: int, elem_bytes: int = 4) -> int:
-    """nnz-proportional traffic plus activations, read/written once per kernel.
-
-    Per stored weight: data+indices read by the forward scatter (8 B); by the fused backward:
-    indices (4 B), data read+write (8 B), momentum read+write (8 B) = 28 B. Activations: each
-    layer's input and output (batch x ``elem_bytes`` per neuron: 4 in float32, 2 in bfloat16)
-    are touched by forward, backward and SDDMM (3 x (n_in + n_out) x batch x elem_bytes).
-    Re-streaming caused by cache blocking is not counted: this is the minimum any kernel must
-    move.
-    """
-    nnz = model.nnz
-    w = model.widths
-    act = sum(3 * (a + b) * batch * elem_bytes for a, b in zip(w[:-1], w[1:]))
-    return 28 * nnz + act
+def step_min_bytes(model, batch: int, act_bytes: int = 4) -> float:
+    """DRAM bytes no execution of the step can avoid (``_bench_common.step_bound_bytes``), with
+    activations and deltas stored at ``act_bytes`` per element (float32 4, bfloat16 2)."""
+    return bc.model_bound_bytes(model, batch, act_bytes)
 
 
 def step_flops(model, batch: int) -> int:
@@ -262,17 +253,19 @@ def run(name: str, threads: int, repeats: int, skip_dense: bool, dtypes: list[st
             skip_reason = "torch not installed (pip install torch==2.13.0)"
     steps["scipy"], counts["scipy"] = scipy_step(model, x, y), slow
     # the machine's bound, measured between the steps it bounds
-    steps["triad"], triad_bytes = bc.triad_step()
+    probe = bc.BandwidthProbe()
+    steps["read"], steps["triad"] = probe.read, probe.triad
     steps["gemm"], gemm_flops = bc.gemm_step()
-    counts["triad"] = counts["gemm"] = repeats
+    counts["read"] = counts["triad"] = counts["gemm"] = repeats
     bc.set_threads(threads)
     med = bc.interleaved_median_ms(steps, counts)
     md, sc = med.get("md"), med["scipy"]
-    bound = {"stream_triad_GBps": triad_bytes / med["triad"] / 1e6, "gemm_peak_GFLOPps": gemm_flops / med["gemm"] / 1e6}
+    bound = {"stream_triad_GBps": 24e-6 * probe.n / med["triad"], "bound_GBps": probe.bound_bps() / 1e9,
+             "gemm_peak_GFLOPps": gemm_flops / med["gemm"] / 1e6}
     records = []
     for dt in dtypes:
         nbytes = step_min_bytes(model, batch, 2 if dt == "bfloat16" else 4)
-        bound_ms = 1e3 * max(flops / (bound["gemm_peak_GFLOPps"] * 1e9), nbytes / (bound["stream_triad_GBps"] * 1e9))
+        bound_ms = 1e3 * max(flops / (bound["gemm_peak_GFLOPps"] * 1e9), nbytes / (bound["bound_GBps"] * 1e9))
         ms = med[f"hpc_{dt}"]
         breakdown, per_phase = hpc_breakdown(models[dt], steps[f"hpc_{dt}"], ms, repeats)
         rec: dict = {"workload": name, "widths": widths, "batch": batch, "threads": threads, "nnz": model.nnz,
@@ -287,10 +280,11 @@ def run(name: str, threads: int, repeats: int, skip_dense: bool, dtypes: list[st
             "x_bound": ms / bound_ms,
             "compute_bound_ms_per_step": 1e3 * flops / (bound["gemm_peak_GFLOPps"] * 1e9),
             "x_compute_bound": ms / (1e3 * flops / (bound["gemm_peak_GFLOPps"] * 1e9)),
-            "bound_kind": "compute" if flops / bound["gemm_peak_GFLOPps"] >= nbytes / bound["stream_triad_GBps"]
+            "bound_kind": "compute" if flops / bound["gemm_peak_GFLOPps"] >= nbytes / bound["bound_GBps"]
             else "bandwidth",
             "min_flops": flops, "min_bytes": nbytes,
             "gemm_peak_GFLOPps": bound["gemm_peak_GFLOPps"], "stream_triad_GBps": bound["stream_triad_GBps"],
+            "bound_GBps": bound["bound_GBps"],
             "achieved_GFLOPps": flops / ms / 1e6,
             "breakdown_ms": breakdown,
             "breakdown_per_phase_ms": per_phase,

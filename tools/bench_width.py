@@ -15,24 +15,14 @@ sequential DRAM bytes, ``predicted_row_bytes``: bytes of rows touched at random,
 ``predicted_ms``: its time estimate, per thread divided by the thread count; see
 ``hpc_sparse/sparse/blocking.py``) and the phase breakdown.
 
-The traffic bound is the time to move, at the STREAM triad bandwidth measured in this run,
-the bytes that a step must move given the last-level cache size ``C`` read from the machine.
-Per layer (``n_in`` inputs, ``n_out`` outputs, ``nnz`` weights, batch ``B``), processing the
-batch in chunks of ``c`` samples and the outputs in ``J(c) = ceil(n_out * c * 4 / C)`` column
-blocks whose rows fit in the cache::
-
-    bytes(c) = (B / c) * 28 * nnz        # weights: forward reads data+index (8 B), backward reads
-                                         #   index (4 B) and reads+writes data and momentum (16 B),
-                                         #   once per chunk
-             + J(c) * 16 * n_in * B      # input-side rows, once per column block: forward reads
-                                         #   a_in (4 B), backward reads a_prev (4 B), reads+writes out (8 B)
-             + 13 * n_out * B            # output-side rows: z, a written, delta read, dropout mask
-    bound(layer) = min over c in {16, 32, ..., B} of bytes(c)
-
-and when even ``c = 16`` (one cache line per row) needs ``n_out * 64 > C``, every gather misses:
-``bytes = 2 * nnz * (B / 16) * 64`` (one line per weight, chunk and kernel) plus the terms above.
-``traffic_bound_ms = sum over layers of bound(layer) / triad bandwidth``. It ignores compute,
-so small widths, which are compute-bound, sit far above it.
+The traffic bound is a lower bound on the time of the step: the DRAM bytes that no execution
+of the step can avoid (compulsory traffic given every cache of the machine), at the fastest
+memory bandwidth measured in the same run (read-only and triad passes timed in the same
+interleaved rounds as the steps). The bytes it counts and why none can be avoided are written
+out in ``_bench_common.step_bound_bytes``. Where a step's data fit in the caches nothing is
+compulsory: ``traffic_bound_ms`` is 0 and ``x_traffic_bound`` null. The gap above 1 is what the
+kernels spend beyond compulsory DRAM traffic: compute, cache traffic, latency, and the
+re-streaming their blocking plan chooses.
 
     python tools/bench_width.py                       # W in 1000,10000,30000,95000,300000,1000000
     python tools/bench_width.py --widths 1000,95000 --threads 2 --repeats 5
@@ -122,11 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     steps = {name(r): stepper(r) for r in runs}
     counts = {name(r): args.repeats or max(3, min(30, int(2e9 / max(r["model"].nnz * r["batch"], 1))))
               for r in runs}
-    steps["triad"], triad_bytes = bc.triad_step()
-    counts["triad"] = max(counts.values())
+    probe = bc.BandwidthProbe()
+    counts["read"] = counts["triad"] = max(counts.values())
+    steps["read"], steps["triad"] = probe.read, probe.triad
     bc.set_threads(threads)
     med = bc.interleaved_median_ms(steps, counts)
-    bw = triad_bytes / med["triad"] * 1e3
+    bw = probe.bound_bps()
+    onchip = bc.onchip_cache_bytes()
     ref_ns: dict[str, float] = {}
     records = []
     for run in runs:
@@ -141,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         ns = ms * threads * 1e6 / (nnz * batch)
         if w == 1000:
             ref_ns[dt] = ns
-        bytes_needed = sum(bc.layer_bound_bytes(l.shape[0], l.shape[1], l.nnz, batch, cache) for l in model.layers)
+        bytes_needed = bc.model_bound_bytes(model, batch, act_bytes=2 if dt == "bfloat16" else 4)
         tb_ms = 1e3 * bytes_needed / bw
         plans = model.blocking_plans(batch)
         rec = {
@@ -149,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
             "activation_dtype": dt,
             "ms_per_step": ms, "ns_per_connection": ns,
             "cost_growth": (ns / ref_ns[dt]) if dt in ref_ns else None,
-            "traffic_bound_ms": tb_ms, "x_traffic_bound": ms / tb_ms,
-            "bound_bytes": bytes_needed, "stream_triad_GBps": bw / 1e9, "llc_bytes": cache,
+            "traffic_bound_ms": tb_ms, "x_traffic_bound": (ms / tb_ms) if tb_ms > 0 else None,
+            "bound_bytes": bytes_needed, "bound_GBps": bw / 1e9, "bound_cache_bytes": onchip,
+            "stream_triad_GBps": 24e-6 * probe.n / med["triad"], "llc_bytes": cache,
             "blocking": [p.describe(batch) for p in plans],
             # the plan's traffic model (sparse/blocking.py): what it predicts for this step
             "predicted_bytes": sum(p.stream_bytes for p in plans),

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hpc_sparse.runtime.launcher import find_mpiexec
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "fashion-mnist.toml"
 # the paper's Fashion-MNIST setup (PAPER.md §5), used when configs/fashion-mnist.toml is absent
@@ -47,8 +49,7 @@ def run_one(mode: str, ranks: int, epochs: int, config: Path | None, extra: list
     shutil.rmtree(run_dir, ignore_errors=True)
     sets = ([] if config else PAPER_SETUP) + [f'parallel.mode="{mode}"', f"train.epochs={epochs}",
                                               "checkpoint.every_seconds=0", *extra]
-    cmd = [str(Path(sys.executable).with_name("mpiexec")) if Path(sys.executable).with_name("mpiexec").exists()
-           else shutil.which("mpiexec") or "mpiexec", "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m",
+    cmd = [find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m",
            "hpc_sparse", "train", *(["--config", str(config)] if config else []),
            *[a for s in sets for a in ("--set", s)], "--run-dir", str(run_dir), "--quiet"]
     t0 = time.monotonic()

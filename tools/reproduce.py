@@ -13,16 +13,20 @@ Profiles (exactly one):
   --quick         run every study here on Fashion-MNIST (10 epochs, 3 seeds; about 15-30 min on
                   2 cores), then write the results. Finished runs in --runs-dir are reused.
   --sweep FILE    write the same runs as a jobs/sweep.sbatch sweep file (with the sbatch lines
-                  to submit it), for a cluster.
+                  to submit it), for a cluster. A dataset read from files needs --data-path
+                  (where the cluster's nodes find it) unless the config sets data.path.
   --collect DIR   build the results from finished run folders under DIR (any depth, from
-                  anywhere); pass the same --config/--epochs/--seeds as for --sweep.
+                  anywhere); pass the same --config/--epochs/--seeds as for --sweep. Folders
+                  that are not finished training runs (a `convert` output, an unfinished run)
+                  are skipped and listed; when several folders match one run, all are listed
+                  and the one used is named.
 
 Every run is the product's own CLI:
   [mpiexec -n P] python -m mpi4py -m hpc_sparse train --config CONFIG --set seed=S ... --run-dir DIR
 Results: OUT/<study>.md, .json, .png (default OUT = docs/results).
 
     python tools/reproduce.py --quick
-    python tools/reproduce.py --sweep sweep.txt --epochs 100 --seeds 5
+    python tools/reproduce.py --sweep sweep.txt --epochs 100 --seeds 5 --data-path /scratch/fashion-mnist
     python tools/reproduce.py --collect runs/ --epochs 100 --seeds 5
 """
 
@@ -43,6 +47,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))  # a fresh clone works without `pip install -e .` (dependencies still needed)
 
 from _reproduce_plan import Plan, Run, make_plan, sweep_lines, studies  # noqa: E402
+
+from hpc_sparse.runtime import launcher  # noqa: E402
 
 DEFAULT_CONFIG = "configs/fashion-mnist.toml"
 
@@ -73,22 +79,25 @@ def estimate_seconds(run: Run, plan: Plan) -> float:
 
 
 def find_mpiexec() -> str:
-    """The mpiexec beside this interpreter (PyPI's mpich puts it there), else the one on PATH."""
-    here = Path(sys.executable).with_name("mpiexec")
-    found = str(here) if here.exists() else shutil.which("mpiexec")
-    if not found:
-        sys.exit("reproduce: no mpiexec beside the interpreter or on PATH; fix: pip install mpich")
-    return found
+    try:
+        return launcher.find_mpiexec()
+    except RuntimeError as exc:
+        sys.exit(f"reproduce: {exc}")
 
 
-def command(run: Run, plan: Plan, run_dir: Path, threads: int) -> list[str]:
+def environment_sets(data_path: str | None) -> list[str]:
+    """Overrides that say where a run finds its data (not part of what it computes)."""
+    return [] if data_path is None else [f"data.path={data_path}"]
+
+
+def command(run: Run, plan: Plan, run_dir: Path, threads: int, data_path: str | None = None) -> list[str]:
     head = [] if run.ranks == 1 else [find_mpiexec(), "-n", str(run.ranks)]
-    sets = [*run.sets, f"train.threads={threads}"]
+    sets = [*run.sets, *environment_sets(data_path), f"train.threads={threads}"]
     return [*head, sys.executable, "-m", "mpi4py", "-m", "hpc_sparse", "train", "--config", str(plan.base_config),
             *[a for s in sets for a in ("--set", s)], "--run-dir", str(run_dir), "--quiet"]
 
 
-def preflight(plan: Plan) -> None:
+def preflight(plan: Plan, data_path: str | None) -> None:
     """Fail in one line, before any run, if a dependency or the dataset is missing."""
     missing = []
     for mod in ("numpy", "scipy", "numba", "h5py", "mpi4py", "matplotlib", "tqdm"):
@@ -103,23 +112,27 @@ def preflight(plan: Plan) -> None:
     from hpc_sparse.errors import UserError
 
     try:
-        load_dataset(**dataclasses.asdict(load_config(plan.base_config, [f"train.epochs={plan.epochs}"]).data))
+        sets = [f"train.epochs={plan.epochs}", *environment_sets(data_path)]
+        load_dataset(**dataclasses.asdict(load_config(plan.base_config, sets).data))
     except UserError as exc:
         sys.exit(f"reproduce: {exc}")
 
 
-def run_all(plan: Plan, runs_dir: Path, jobs: int, timeout: float) -> dict[Run, str]:
+def run_all(plan: Plan, runs_dir: Path, jobs: int, timeout: float, data_path: str | None = None) -> dict[Run, str]:
     """Run every planned run not finished yet; exclusive runs alone, the others ``jobs`` at a time.
     Returns {run: error text} for the runs that failed."""
     from tqdm import tqdm
 
-    from _reproduce_report import read_run
+    from _reproduce_report import NotARun, read_run
 
     todo = []
     for run in plan.runs:
-        rec = read_run(runs_dir / run.name())
-        if rec is None or plan.signatures.get(rec["signature"]) != run:
-            todo.append(run)
+        try:
+            if plan.signatures.get(read_run(runs_dir / run.name())["signature"]) == run:
+                continue
+        except NotARun:
+            pass
+        todo.append(run)
     cost = {run: estimate_seconds(run, plan) for run in todo}
     numba_cached = any((ROOT / "hpc_sparse" / "sparse" / "__pycache__").glob("*.nbi"))
     first = 0.0 if numba_cached or not todo else FIRST_COMPILE_S
@@ -155,7 +168,7 @@ def run_all(plan: Plan, runs_dir: Path, jobs: int, timeout: float) -> dict[Run, 
         run_dir.mkdir(parents=True)
         log = run_dir / "reproduce.log"
         with open(log, "w") as fh:
-            proc = subprocess.Popen(command(run, plan, run_dir, threads), cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(command(run, plan, run_dir, threads, data_path), cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
                                     env={**os.environ, "HPC_SPARSE_THREADS": str(threads)})
         return run, proc, log
 
@@ -218,14 +231,45 @@ def write_results(plan: Plan, roots: list[Path], out: Path, profile: str, jobs: 
     """Collect, write every study's files, print the tables. Returns the number of missing cells."""
     from _reproduce_report import collect, write_study
 
-    found = collect(plan, roots)
+    collected = collect(plan, roots)
+    for line in collected.report(plan):
+        print(line, file=sys.stderr)
+    found = collected.found
     meta = {"profile": profile, "config": config, "epochs": plan.epochs, "seeds": plan.seeds,
             "jobs": jobs, "date": datetime.date.today().isoformat(), "commit": commit,
             "runs_found": len(found), "runs_planned": len(plan.runs)}
     for study in plan.studies.values():
-        print(write_study(plan, study, found, out, meta))
+        print(write_study(plan, study, collected, out, meta))
     print(f"reproduce: {len(found)}/{len(plan.runs)} runs found; tables, JSON and figures in {out}/")
     return len(plan.runs) - len(found)
+
+
+def write_sweep(plan: Plan, args: argparse.Namespace, names: list[str]) -> None:
+    """The plan as a jobs/sweep.sbatch sweep file, with the sbatch lines that submit it."""
+    from hpc_sparse.config import load_config
+
+    data = load_config(plan.base_config, []).data
+    if args.data_path is None and not data.path and data.name != "synthetic":
+        sys.exit(f"reproduce: --sweep needs --data-path DIR: {args.config} leaves data.path empty, i.e. the "
+                 f"{data.name} loader's default place on this machine (for fashion-mnist, Debian's "
+                 "dataset-fashion-mnist folder), which cluster nodes rarely have; fix: --data-path DIR, the "
+                 "dataset's folder as the nodes see it (or set data.path in the config)")
+    env = environment_sets(args.data_path)
+    if any(" " in s for s in env):
+        sys.exit(f"reproduce: --data-path {args.data_path!r} has a space; sweep files split words on spaces")
+    lines, ranges = sweep_lines(plan, str(args.config), env)
+    submit = [f"#   SWEEP_FILE={args.sweep} RUN_DIR=runs/reproduce PYTHON={sys.executable} sbatch --ntasks={p} "
+              f"--array={a}-{b} jobs/sweep.sbatch" for p, a, b in ranges]
+    header = [f"# tools/reproduce.py sweep: {len(lines)} runs of {args.config}, {args.epochs} epochs, seeds "
+              f"1..{args.seeds}; studies {', '.join(names)}.",
+              "# Lines are ordered by rank count; from the repository root, submit each range with its --ntasks",
+              "# (PYTHON: the interpreter that wrote this file; give the cluster's own if the jobs run elsewhere):",
+              *submit,
+              f"# then: python tools/reproduce.py --collect runs/ --config {args.config} --epochs {args.epochs} "
+              f"--seeds {args.seeds} --studies {','.join(names)}"]
+    Path(args.sweep).write_text("\n".join(header + lines) + "\n")
+    print(f"reproduce: wrote {len(lines)} runs to {args.sweep}; submit with:")
+    print("\n".join(s[2:] for s in submit))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--sweep", metavar="FILE", help="write the runs as a jobs/sweep.sbatch sweep file")
     mode.add_argument("--collect", metavar="DIR", nargs="+", help="results from finished run folders under DIR")
     ap.add_argument("--config", default=DEFAULT_CONFIG, help=f"base config (default {DEFAULT_CONFIG})")
+    ap.add_argument("--data-path", help="data.path of every run (where the dataset's files are; for --sweep: "
+                                        "as the cluster's nodes see it); ignored when matching finished runs")
     ap.add_argument("--epochs", type=int, default=10, help="train.epochs of every run (default 10)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N per cell (default 3; at least 3 for a spread)")
     ap.add_argument("--studies", default=",".join(studies(10)), help="comma-separated subset of the studies")
@@ -254,26 +300,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"config '{config}' not found")
     plan = make_plan((config if config.is_file() else ROOT / config).resolve(), args.epochs, list(range(1, args.seeds + 1)), names)
     if args.sweep:
-        lines, ranges = sweep_lines(plan, str(args.config))
-        submit = [f"#   SWEEP_FILE={args.sweep} RUN_DIR=runs/reproduce sbatch --ntasks={p} --array={a}-{b} jobs/sweep.sbatch"
-                  for p, a, b in ranges]
-        header = [f"# tools/reproduce.py sweep: {len(lines)} runs of {args.config}, {args.epochs} epochs, seeds "
-                  f"1..{args.seeds}; studies {', '.join(names)}.",
-                  "# Lines are ordered by rank count; from the repository root, submit each range with its --ntasks:", *submit,
-                  f"# then: python tools/reproduce.py --collect runs/ --config {args.config} --epochs {args.epochs} "
-                  f"--seeds {args.seeds} --studies {','.join(names)}"]
-        Path(args.sweep).write_text("\n".join(header + lines) + "\n")
-        print(f"reproduce: wrote {len(lines)} runs to {args.sweep}; submit with:")
-        print("\n".join(s[2:] for s in submit))
+        write_sweep(plan, args, names)
         return 0
     if args.collect:
         missing = write_results(plan, [Path(d) for d in args.collect], Path(args.out), "collect", args.jobs, commit,
                                 args.config)
         return 1 if missing else 0
-    preflight(plan)
+    preflight(plan, args.data_path)
     runs_dir = Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    failed = run_all(plan, runs_dir.resolve(), max(1, args.jobs), args.timeout)  # the runs' cwd is the repo
+    failed = run_all(plan, runs_dir.resolve(), max(1, args.jobs), args.timeout, args.data_path)  # cwd: the repo
     for run, why in failed.items():
         print(f"reproduce: run {run.name()} failed: {why} (log: {runs_dir / run.name() / 'reproduce.log'})",
               file=sys.stderr)

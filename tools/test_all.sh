@@ -28,8 +28,9 @@ if python3 -c 'import os, sys, sysconfig; sys.exit(sys.prefix != sys.base_prefix
     PY=$PWD/.venv/bin/python
 fi
 
-echo "== pip install -e .[test]"
-"$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
+# docs: tests/test_docs.py builds the documentation site with `mkdocs build --strict` (offline)
+echo "== pip install -e .[test,docs]"
+"$PY" -m pip install -q --disable-pip-version-check -e '.[test,docs]'
 
 # PyPI's mpich installs mpiexec beside the interpreter; `python -m pip` does not refresh
 # pyenv's shims, so do not rely on PATH alone.

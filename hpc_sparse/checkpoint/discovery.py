@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 SET_ASIDE_REASONS = ("invalid", "abandoned", "replaced")
 """invalid: failed verification when a run resumed past it; abandoned: newer than the step a
 run resumed from (another line of the run); replaced: a folder of the same step was committed."""
+_SET_ASIDE_RE = re.compile(r"^step-\d{9,}\.(" + "|".join(SET_ASIDE_REASONS) + r")-\d{8}T\d{6}Z(-\d+)?$")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -91,22 +94,52 @@ def find_latest_valid(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path
     return None, skipped
 
 
+def folder_bytes(path: Path) -> int:
+    """Total size of the regular files in and under ``path`` (symbolic links not followed)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                info = os.lstat(os.path.join(folder, name))
+            except OSError:
+                continue
+            total += info.st_size if stat.S_ISREG(info.st_mode) else 0
+    return total
+
+
+def set_aside_folders(run_dir: str | Path) -> list[Path]:
+    """Folders that :func:`set_aside` renamed (``step-N.<reason>-<UTC time>``), oldest name first."""
+    ckdir = checkpoint_dir(run_dir)
+    if not ckdir.is_dir():
+        return []
+    return sorted(p for p in ckdir.iterdir() if _SET_ASIDE_RE.match(p.name) and p.is_dir() and not p.is_symlink())
+
+
+def temporary_folders(run_dir: str | Path) -> list[Path]:
+    """``.tmp-step-*`` folders: saves in progress, or left by a save that was interrupted. Only
+    the job that holds the run dir's lock may remove them (no save of another job can be running)."""
+    ckdir = checkpoint_dir(run_dir)
+    if not ckdir.is_dir():
+        return []
+    return sorted(p for p in ckdir.iterdir() if p.name.startswith(fmt.TMP_PREFIX) and not p.is_symlink())
+
+
 def list_checkpoints(run_dir: str | Path) -> list[dict]:
     """Every committed checkpoint, oldest first, each fully verified.
 
     Returns dicts with ``path`` (Path), ``step``, ``epoch``, ``n_ranks`` (None if unreadable),
-    ``valid`` (bool), ``reason`` ("" when valid) and ``bytes`` (total size of the folder's files).
+    ``valid`` (bool), ``reason`` ("" when valid; the environment's error when it could not be
+    read) and ``bytes`` (total size of the folder's files).
     """
     rows = []
     for step, path in reversed(committed_checkpoints(run_dir)):
         row: dict[str, Any] = {"path": path, "step": step, "epoch": None, "n_ranks": None,
-                               "valid": True, "reason": "",
-                               "bytes": sum(p.stat().st_size for p in path.iterdir() if p.is_file())}
+                               "valid": True, "reason": "", "bytes": folder_bytes(path)}
         try:
             manifest = read_manifest(path)
             row["epoch"], row["n_ranks"] = manifest.get("epoch"), manifest["n_ranks"]
             verify_committed(step, path)
-        except fmt.CheckpointError as exc:
+        except (fmt.CheckpointError, fmt.CheckpointEnvironmentError) as exc:
             row["valid"], row["reason"] = False, str(exc)
         rows.append(row)
     return rows

@@ -12,17 +12,23 @@ A committed checkpoint is a folder ``RUN_DIR/checkpoints/step-<N:09d>/`` holding
 
 Only numeric datasets and JSON are used: nothing is pickled, so loading a checkpoint never runs
 code. This module knows nothing about MPI; ``manager.py`` orchestrates the collective save,
-``verify.py`` decides what may be loaded, ``discovery.py`` finds (and sets aside) folders and
+``verify.py`` decides what may be loaded (``manifest.py`` and ``shard_reader.py`` read the
+two kinds of file as untrusted input), ``discovery.py`` finds (and sets aside) folders and
 ``agreed.py`` is the collective load of a resuming run.
+
+Schema 2 (this version) adds the per-rank state's shapes and dtypes to each shard's manifest
+entry; schema 1 checkpoints are still read.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
 import re
+import stat
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -37,9 +43,11 @@ import scipy.sparse as sp
 from hpc_sparse import __version__
 from hpc_sparse.errors import UserError
 
-SCHEMA_VERSION: int = 1
-SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1,)
+SCHEMA_VERSION: int = 2
+SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)
 MANIFEST_NAME = "manifest.json"
+MANIFEST_MAX_BYTES = 64 << 20
+"""A manifest larger than this is refused unread (one epoch's metrics record is ~0.5 KB)."""
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-step-"
 _STEP_RE = re.compile(r"^step-(\d{9,})$")
@@ -57,12 +65,95 @@ FIX_DELETE = "delete this folder; resuming picks the newest valid checkpoint aut
 
 
 class CheckpointError(UserError):
-    """A checkpoint cannot be written, read or trusted. The message names the problem and the fix."""
+    """A checkpoint cannot be written, read or trusted. The message names the problem and the fix.
+
+    Raised while loading, it is a verdict on the checkpoint's *content* (manifest, size, hash,
+    format): only such a verdict may set a checkpoint aside."""
+
+
+class CheckpointEnvironmentError(UserError):
+    """Reading a checkpoint failed because of the environment (EIO, ESTALE, EACCES, an HDF5
+    file lock, out of memory), not because of its content. Never a reason to set the
+    checkpoint aside or to start afresh: the job stops and says which file and errno."""
+
+
+#: errno values that say something about the checkpoint's files themselves (a shard that is
+#: missing, a folder where a file belongs, a symbolic link opened with O_NOFOLLOW); every
+#: other errno is the environment's.
+CONTENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP})
 
 
 def invalid(path: str | Path, what: str, fix: str = FIX_DELETE) -> CheckpointError:
     """Build the standard one-line error for a checkpoint that fails verification."""
     return CheckpointError(f"checkpoint {path} is invalid: {what}; fix: {fix}")
+
+
+def is_environment_error(exc: BaseException) -> bool:
+    """True for MemoryError and an OSError whose errno is the environment's (not in
+    :data:`CONTENT_ERRNOS`). HDF5's own format errors come without an errno."""
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, OSError) and exc.errno is not None and exc.errno not in CONTENT_ERRNOS
+
+
+def environment_error(exc: BaseException, file: str | Path) -> CheckpointEnvironmentError:
+    """The one-line error for an environment failure ``exc`` while reading ``file``."""
+    if isinstance(exc, MemoryError):
+        what = "out of memory"
+    else:
+        code = exc.errno if isinstance(exc, OSError) and exc.errno is not None else 0
+        what = f"{errno.errorcode.get(code, 'error')} (errno {code}: {os.strerror(code)})"
+    detail = " ".join(str(exc).split())
+    return CheckpointEnvironmentError(
+        f"cannot read checkpoint file {file}: {what}{f' [{detail}]' if detail else ''}; this is an error of the "
+        "file system or the machine, not of the checkpoint, which is left as it is; fix: check the file "
+        "system (mounts, permissions, free memory, HDF5 file locks held by another process) and run again")
+
+
+def reading_failed(exc: BaseException, file: str | Path, ckpt: str | Path | None = None) -> UserError:
+    """What to raise for ``exc`` while reading ``file`` of checkpoint ``ckpt`` (default: its
+    folder): an environment error, or the verdict "invalid" for a content errno."""
+    if is_environment_error(exc):
+        return environment_error(exc, file)
+    ckpt = Path(file).parent if ckpt is None else ckpt
+    return invalid(ckpt, f"{Path(file).name} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())})")
+
+
+def _open_regular(path: Path, ckpt: str | Path, missing: str) -> int:
+    """Open ``path`` read-only without following a symbolic link and without blocking (a FIFO
+    must not hang the job); refuse anything that is not a regular file. Returns the fd."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise invalid(ckpt, missing) from None
+    if stat.S_ISLNK(info.st_mode):
+        raise invalid(ckpt, f"{path.name} is a symbolic link; a checkpoint's files must be regular files in "
+                            "its folder")
+    if not stat.S_ISREG(info.st_mode):
+        raise invalid(ckpt, f"{path.name} is not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between lstat and open
+        os.close(fd)
+        raise invalid(ckpt, f"{path.name} is not a regular file")
+    return fd
+
+
+def read_regular_file(path: Path, cap: int, ckpt: str | Path, missing: str) -> bytes:
+    """The bytes of the regular file ``path`` (at most ``cap``; larger is a verdict)."""
+    fd = _open_regular(path, ckpt, missing)
+    try:
+        size = os.fstat(fd).st_size
+        if size > cap:
+            raise invalid(ckpt, f"{path.name} has {size} bytes, more than the {cap} it may have")
+        chunks, total = [], 0
+        while chunk := os.read(fd, min(_HASH_BLOCK, cap + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > cap:
+                raise invalid(ckpt, f"{path.name} has more than the {cap} bytes it may have")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def step_dir_name(step: int) -> str:
@@ -153,13 +244,14 @@ def describe_state(state: State) -> dict[str, dict[str, Any]]:
     return specs
 
 
-def check_rank_state(rank_state: Mapping[str, np.ndarray]) -> None:
-    """Validate per-rank state: a dict of small numeric dense arrays."""
+def describe_rank_state(rank_state: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Validate per-rank state (a dict of small numeric dense arrays) and describe it for the
+    manifest: per key ``shape`` (list of int) and ``dtype`` (e.g. "<u8")."""
     if not isinstance(rank_state, Mapping):
         raise CheckpointError(f"rank_state is a {type(rank_state).__name__}; fix: pass a dict of arrays or None")
     check_keys(list(rank_state), "rank_state")
-    for key, arr in rank_state.items():
-        _check_dense(key, arr, "rank_state")
+    return {key: {"shape": list(_check_dense(key, arr, "rank_state").shape), "dtype": arr.dtype.str}
+            for key, arr in rank_state.items()}
 
 
 def assign_keys(nbytes: Mapping[str, int], n_ranks: int) -> list[list[str]]:
@@ -228,11 +320,14 @@ def _hash_file_with(fd: int, size: int, direct: list[tuple[int, np.ndarray]]) ->
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in blocks (hashlib releases the GIL on large updates)."""
+    """Hex SHA-256 of a regular file, read in blocks (hashlib releases the GIL on large
+    updates). A symbolic link or anything but a regular file is refused (CheckpointError)."""
+    path = Path(path)
     digest = hashlib.sha256()
     buf = bytearray(_HASH_BLOCK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
+    fd = _open_regular(path, path.parent, f"{path.name} is missing")
+    with open(fd, "rb", buffering=0) as fh:
         while n := fh.readinto(buf):
             digest.update(view[:n])
     return digest.hexdigest()
@@ -301,44 +396,6 @@ def write_shard(path: Path, state: State, keys: list[str], rank_state: Mapping[s
     return digest, size
 
 
-def read_entry(group: h5py.Group, key: str, spec: Mapping[str, Any]) -> np.ndarray | sp.csr_matrix:
-    """Read ``group[key]`` and check it against its manifest ``spec``; raise ValueError on mismatch."""
-    node = group[key]
-    if spec["kind"] == "csr":
-        if not isinstance(node, h5py.Group) or node.attrs.get("kind") != "csr":
-            raise ValueError(f"array {key!r} is not stored as a CSR group")
-        shape = tuple(int(s) for s in node["shape"][()])
-        mat = sp.csr_matrix(shape, dtype=node["data"].dtype)
-        # Assign the arrays directly: the (data, indices, indptr) constructor would silently
-        # downcast int64 indices to int32, and we promise the saved dtypes back.
-        mat.data, mat.indices, mat.indptr = node["data"][()], node["indices"][()], node["indptr"][()]
-        mat.check_format(full_check=True)
-        found = [list(shape), mat.data.dtype.str, mat.indices.dtype.str, mat.nnz]
-        wanted = [spec["shape"], spec["dtype"], spec["index_dtype"], spec["nnz"]]
-    else:
-        if not isinstance(node, h5py.Dataset):
-            raise ValueError(f"array {key!r} is not stored as a dataset")
-        mat = np.asarray(node[()])  # 0-d datasets come back as numpy scalars
-        found, wanted = [list(mat.shape), mat.dtype.str], [spec["shape"], spec["dtype"]]
-    if found != wanted:
-        raise ValueError(f"{key!r} is {found} (shape, dtype...), manifest says {wanted}")
-    return mat
-
-
-def read_rank_state(f: h5py.File) -> dict[str, np.ndarray] | None:
-    """All datasets under ``rank_state/`` of an open shard, keyed by their path; None if absent."""
-    if "rank_state" not in f:
-        return None
-    out: dict[str, np.ndarray] = {}
-
-    def visit(name: str, node: Any) -> None:
-        if isinstance(node, h5py.Dataset):
-            out[name] = np.asarray(node[()])
-
-    f["rank_state"].visititems(visit)
-    return out
-
-
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
@@ -369,15 +426,16 @@ def library_versions() -> dict[str, str]:
 
 
 def build_manifest(step: int, meta: dict[str, Any], specs: Mapping[str, dict[str, Any]],
-                   assignment: list[list[str]], shard_results: list[tuple[str, int, bool]]) -> dict[str, Any]:
-    """Assemble the manifest. ``shard_results[r]`` is ``(sha256, bytes, has_rank_state)`` of rank r's shard."""
+                   assignment: list[list[str]], shard_results: list[tuple[str, int, dict | None]]) -> dict[str, Any]:
+    """Assemble the manifest. ``shard_results[r]`` is ``(sha256, bytes, rank_state spec or None)``
+    of rank r's shard (the spec from :func:`describe_rank_state`)."""
     n_ranks = len(assignment)
     shard_of = {key: r for r, keys in enumerate(assignment) for key in keys}
     arrays = {key: {k: v for k, v in spec.items() if k != "nbytes"} | {"shard": shard_of[key]}
               for key, spec in specs.items()}
     shards = [{"file": shard_file_name(r, n_ranks), "rank": r, "sha256": sha, "bytes": nbytes,
-               "keys": assignment[r], "has_rank_state": has_rs}
-              for r, (sha, nbytes, has_rs) in enumerate(shard_results)]
+               "keys": assignment[r], "has_rank_state": rs is not None} | ({} if rs is None else {"rank_state": rs})
+              for r, (sha, nbytes, rs) in enumerate(shard_results)]
     return {
         "schema_version": SCHEMA_VERSION, "step": int(step), "epoch": meta.get("epoch"),
         "n_ranks": n_ranks, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -87,13 +88,41 @@ def _commit(tmp: Path, final: Path, step: int) -> None:
         log.warning("checkpoint %s committed, but finishing touches failed: %s", final, exc)
 
 
+# Checkpoints this process committed or verified in full, with the identity of their files
+# then: retention trusts them without re-hashing while the files are unchanged.
+_VERIFIED: dict[Path, tuple] = {}
+
+
+def _identity(path: Path) -> tuple:
+    """(name, inode, size, mtime) of every file of a checkpoint folder; changes if any is replaced."""
+    return tuple(sorted((p.name, s.st_ino, s.st_size, s.st_mtime_ns)
+                        for p in path.iterdir() for s in [p.lstat()]))
+
+
+def remember_verified(path: Path) -> None:
+    """Record that this process has verified the committed checkpoint ``path`` (best effort)."""
+    try:
+        _VERIFIED[Path(path).resolve()] = _identity(Path(path))
+    except OSError:
+        pass
+
+
+def _known_valid(path: Path) -> bool:
+    try:
+        return _VERIFIED.get(path.resolve()) == _identity(path)
+    except OSError:
+        return False
+
+
 def _apply_retention(ckdir: Path, new_step: int, keep: int) -> None:
     """Delete committed checkpoints older than the ``keep`` newest valid ones (the new one counts).
 
     Only committed ``step-*`` folders older than ``new_step`` are considered. An invalid folder
     does not count towards ``keep``, so a damaged recent checkpoint never causes the deletion of
     the last good one. Validity here means manifest + sizes + SHA-256: the bytes are exactly the
-    ones written, which is enough to decide what to keep and costs one read of each kept folder.
+    ones written. A checkpoint this process wrote or verified itself, whose files are unchanged
+    since, is not hashed again. A folder that cannot be read (the environment's fault) is kept
+    and not counted.
     """
     n_valid = 1
     for step, path in committed_checkpoints(ckdir.parent):
@@ -101,12 +130,15 @@ def _apply_retention(ckdir: Path, new_step: int, keep: int) -> None:
             continue
         if n_valid < keep:
             try:
-                verify_committed(step, path, deep=False)
+                if not _known_valid(path):
+                    verify_committed(step, path, deep=False)
+                    remember_verified(path)
                 n_valid += 1
-            except CheckpointError as exc:
-                log.warning("keeping invalid checkpoint %s (not counted towards keep=%d): %s", path, keep, exc)
+            except (CheckpointError, fmt.CheckpointEnvironmentError) as exc:
+                log.warning("keeping checkpoint %s (not counted towards keep=%d): %s", path, keep, exc)
             continue
         _remove(path)
+        _VERIFIED.pop(path.resolve(), None)
 
 
 def save_checkpoint(comm: Any, run_dir: str | Path, step: int, state: Mapping[str, np.ndarray | sp.csr_matrix],
@@ -157,8 +189,7 @@ def save_checkpoint(comm: Any, run_dir: str | Path, step: int, state: Mapping[st
     try:
         specs = fmt.describe_state(state)
         meta_json = fmt.meta_to_jsonable(meta)
-        if rank_state is not None:
-            fmt.check_rank_state(rank_state)
+        rs_spec = None if rank_state is None else fmt.describe_rank_state(rank_state)
         if rank == 0:
             ckdir.mkdir(parents=True, exist_ok=True)
             _remove(tmp)  # leftovers of an interrupted attempt at this same step
@@ -172,15 +203,21 @@ def save_checkpoint(comm: Any, run_dir: str | Path, step: int, state: Mapping[st
     attrs = {"schema_version": fmt.SCHEMA_VERSION, "step": step, "rank": rank, "n_ranks": size}
     error, result = None, None
     try:
+        if not tmp.is_dir():  # rank 0 made it: this rank's view of run_dir is another folder
+            raise CheckpointError(f"rank {rank} on host {socket.gethostname()} does not see {tmp}, which rank 0 "
+                                  "created: run_dir is not the same folder on every node; fix: put run_dir on a "
+                                  "file system shared by all ranks")
         sha, nbytes = fmt.write_shard(tmp / fmt.shard_file_name(rank, size), state, assignment[rank],
                                       rank_state, attrs)
-        result = (sha, nbytes, rank_state is not None)
+        result = (sha, nbytes, rs_spec)
     except Exception as exc:  # noqa: BLE001
         error = error_text(exc)
     results = comm.allgather((error, result))
     _raise_if_failed(comm, [e for e, _ in results], where, fix, cleanup)
 
-    # Phase 3: rank 0 writes the manifest last, commits by rename, then applies retention.
+    # Phase 3: rank 0 writes the manifest last and commits by rename; the broadcast releases
+    # the other ranks; only then does rank 0 apply retention (off the ranks' critical path,
+    # which a stop signal's time budget also counts).
     error = None
     if rank == 0:
         try:
@@ -201,12 +238,13 @@ def save_checkpoint(comm: Any, run_dir: str | Path, step: int, state: Mapping[st
                 cleanup()
             except OSError:
                 pass
-        if error is None:
-            try:
-                _apply_retention(ckdir, step, keep)
-            except OSError as exc:  # the new checkpoint is safe; a failed cleanup must not stop training
-                log.warning("checkpoint retention in %s failed: %s", ckdir, exc)
     error = comm.bcast(error, root=0)  # also the barrier: nobody returns before the commit
+    if rank == 0 and error is None:
+        remember_verified(final)
+        try:
+            _apply_retention(ckdir, step, keep)
+        except Exception as exc:  # noqa: BLE001 - the new checkpoint is safe; cleanup must not stop training
+            log.warning("checkpoint retention in %s failed: %s", ckdir, exc)
     if error is not None:
         if "; fix:" not in error:
             error += f"; nothing was committed; fix: {fix}"

@@ -2,12 +2,20 @@
 
 One process, nothing modified. The collective load of a run (each shard hashed once per
 job, the choice agreed by all ranks) is :mod:`hpc_sparse.checkpoint.agreed`.
+
+Order of the checks, the same everywhere: the manifest (:mod:`.manifest`), then every
+shard's size and SHA-256, and only then does HDF5's parser see a shard
+(:mod:`.shard_reader`, which accepts only what this package writes). A problem with the
+checkpoint's content is a :class:`~hpc_sparse.checkpoint.format.CheckpointError` (the
+verdict "invalid"); a failure of the environment while reading (EIO, ESTALE, EACCES, an
+HDF5 file lock, out of memory) is a
+:class:`~hpc_sparse.checkpoint.format.CheckpointEnvironmentError`, which says nothing about
+the checkpoint.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,94 +24,83 @@ import numpy as np
 import scipy.sparse as sp
 
 from hpc_sparse.checkpoint import format as fmt
+from hpc_sparse.checkpoint import shard_reader
+from hpc_sparse.checkpoint.manifest import rank_state_spec, read_manifest
+
+__all__ = ["check_shards", "error_text", "load_checkpoint", "parse_shards", "read_manifest", "verify_checkpoint",
+           "verify_committed"]
 
 
 def error_text(exc: BaseException) -> str:
     """One line for any exception (a CheckpointError's message as it is)."""
-    text = str(exc) if isinstance(exc, fmt.CheckpointError) else f"{type(exc).__name__}: {exc}"
+    text = str(exc) if isinstance(exc, fmt.UserError) else f"{type(exc).__name__}: {exc}"
     return " ".join(text.split())  # one line, whatever the underlying library printed
-
-
-def read_manifest(ckpt: Path) -> dict[str, Any]:
-    """Parse and structurally check ``ckpt/manifest.json``; raise CheckpointError if unusable."""
-    path = ckpt / fmt.MANIFEST_NAME
-    if not ckpt.is_dir():
-        raise fmt.invalid(ckpt, "no such folder", "pass a step-<N> folder under RUN_DIR/checkpoints")
-    if not path.is_file():
-        raise fmt.invalid(ckpt, f"{fmt.MANIFEST_NAME} is missing (the save never committed)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise fmt.invalid(ckpt, f"{fmt.MANIFEST_NAME} cannot be parsed ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise fmt.invalid(ckpt, f"{fmt.MANIFEST_NAME} is not a JSON object")
-    version = manifest.get("schema_version")
-    if version not in fmt.SUPPORTED_SCHEMA_VERSIONS:
-        raise fmt.invalid(ckpt, f"schema_version {version!r} is not supported (this hpc_sparse reads "
-                                f"{list(fmt.SUPPORTED_SCHEMA_VERSIONS)})",
-                          "load it with the hpc_sparse version that wrote it, or start a new run")
-    for field, kind in (("step", int), ("n_ranks", int), ("meta", dict), ("shards", list), ("arrays", dict)):
-        if not isinstance(manifest.get(field), kind):
-            raise fmt.invalid(ckpt, f"{fmt.MANIFEST_NAME} field {field!r} is missing or not a {kind.__name__}")
-    n_ranks, shards, arrays = manifest["n_ranks"], manifest["shards"], manifest["arrays"]
-    if len(shards) != n_ranks or not all(isinstance(sh, dict) and isinstance(sh.get("keys"), list)
-                                         and sh.get("file") == fmt.shard_file_name(r, n_ranks)
-                                         for r, sh in enumerate(shards)):
-        raise fmt.invalid(ckpt, f"manifest shard list does not match its {n_ranks} ranks")
-    listed = {key: r for r, sh in enumerate(shards) for key in sh["keys"]}
-    for key, spec in arrays.items():
-        if not isinstance(spec, dict) or spec.get("kind") not in ("dense", "csr") \
-                or listed.get(key) != spec.get("shard"):
-            raise fmt.invalid(ckpt, f"manifest entry for array {key!r} is malformed or not in its shard")
-    if set(listed) != set(arrays) or sum(len(sh["keys"]) for sh in shards) != len(arrays):
-        raise fmt.invalid(ckpt, "manifest shards list arrays that are missing, or list one twice")
-    return manifest
 
 
 def check_shard_file(ckpt: Path, shard: Mapping[str, Any], hash_it: bool = True) -> Path:
     """Check one shard's presence and size (and, with ``hash_it``, its SHA-256) against the
     manifest; return its path."""
     path = ckpt / shard["file"]
-    if not path.is_file():
-        raise fmt.invalid(ckpt, f"shard {shard['file']} is missing")
-    size = path.stat().st_size
-    if size != shard.get("bytes"):
-        raise fmt.invalid(ckpt, f"shard {shard['file']} has {size} bytes, manifest says {shard.get('bytes')} "
-                                "(truncated or overwritten)")
-    if hash_it and fmt.sha256_file(path) != shard.get("sha256"):
-        raise fmt.invalid(ckpt, f"shard {shard['file']} fails its SHA-256 check (damaged or changed after "
-                                "saving)")
+    try:
+        if path.is_symlink():
+            raise fmt.invalid(ckpt, f"shard {shard['file']} is a symbolic link; a checkpoint's files must be "
+                                    "regular files in its folder")
+        if not path.is_file():
+            raise fmt.invalid(ckpt, f"shard {shard['file']} is missing")
+        size = path.stat().st_size
+        if size != shard.get("bytes"):
+            raise fmt.invalid(ckpt, f"shard {shard['file']} has {size} bytes, manifest says {shard.get('bytes')} "
+                                    "(truncated or overwritten)")
+        if hash_it and fmt.sha256_file(path) != shard.get("sha256"):
+            raise fmt.invalid(ckpt, f"shard {shard['file']} fails its SHA-256 check (damaged or changed after "
+                                    "saving)")
+    except (OSError, MemoryError) as exc:
+        raise fmt.reading_failed(exc, path, ckpt) from exc
     return path
 
 
-def read_shards(path: Path, manifest: Mapping[str, Any], *, hashed: set[int] | None, deep: bool,
-                rank: int | None = None, keep_arrays: bool = False
-                ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
-    """Read a checkpoint's shards (every array with ``deep``, CSR with a full ``check_format``).
+def check_shards(path: Path, manifest: Mapping[str, Any], hashed: Iterable[int] | None = None) -> None:
+    """Every shard's presence and size; the SHA-256 of those in ``hashed`` (None: all)."""
+    hashed = None if hashed is None else set(hashed)
+    for r, shard in enumerate(manifest["shards"]):
+        check_shard_file(path, shard, hash_it=hashed is None or r in hashed)
 
-    ``hashed``: the shards whose SHA-256 this call checks (None: all). Returns the arrays
-    (with ``keep_arrays``) and the per-rank state of shard ``rank`` (None if it has none).
+
+def parse_shards(path: Path, manifest: Mapping[str, Any], *, deep: bool = True, rank: int | None = None,
+                 keep_arrays: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """Parse shards whose size and hash were checked (:func:`check_shards`): every array with
+    ``deep`` (CSR with a full ``check_format``), and the per-rank state of shard ``rank``.
+
+    Returns the arrays (with ``keep_arrays``) and that per-rank state (None if it has none).
     """
     state: dict[str, Any] = {}
     rank_state = None
+    version = manifest["schema_version"]
     for r, shard in enumerate(manifest["shards"]):
-        shard_path = check_shard_file(path, shard, hash_it=hashed is None or r in hashed)
         if not deep and r != rank:
             continue
+        shard_path = path / shard["file"]
         try:
             with h5py.File(shard_path, "r") as f:
                 if deep:
-                    group = f["state"]
+                    group = shard_reader.resolve(f, "state", "group 'state'") if shard["keys"] else None
                     for key in shard["keys"]:
-                        value = fmt.read_entry(group, key, manifest["arrays"][key])
+                        value = shard_reader.read_entry(group, key, manifest["arrays"][key], shard["bytes"])
                         if keep_arrays:
                             state[key] = value
                 if r == rank:
-                    rank_state = fmt.read_rank_state(f)
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise fmt.invalid(path, f"shard {shard['file']} content is unreadable or inconsistent "
-                                    f"({error_text(exc)})") from exc
+                    rank_state = shard_reader.read_rank_state(f, rank_state_spec(shard, version), shard["bytes"])
+        except (OSError, MemoryError) as exc:
+            if fmt.is_environment_error(exc):
+                raise fmt.environment_error(exc, shard_path) from exc
+            raise _unreadable(path, shard, exc) from exc
+        except (KeyError, ValueError, TypeError) as exc:
+            raise _unreadable(path, shard, exc) from exc
     return state, rank_state
+
+
+def _unreadable(path: Path, shard: Mapping[str, Any], exc: BaseException) -> fmt.CheckpointError:
+    return fmt.invalid(path, f"shard {shard['file']} content is unreadable or inconsistent ({error_text(exc)})")
 
 
 def load_checkpoint(path: str | Path, rank: int | None = None
@@ -127,7 +124,8 @@ def load_checkpoint(path: str | Path, rank: int | None = None
     """
     path = Path(path)
     manifest = read_manifest(path)
-    state, rank_state = read_shards(path, manifest, hashed=None, deep=True, rank=rank, keep_arrays=True)
+    check_shards(path, manifest)
+    state, rank_state = parse_shards(path, manifest, rank=rank, keep_arrays=True)
     return state, manifest, rank_state
 
 
@@ -136,15 +134,17 @@ def verify_checkpoint(path: str | Path) -> None:
 
     Reads one array at a time, so memory stays at the size of the largest array.
     """
-    path = Path(path)
-    read_shards(path, read_manifest(path), hashed=None, deep=True)
+    verify_committed(None, Path(path))
 
 
-def verify_committed(step: int, path: Path, deep: bool = True) -> dict[str, Any]:
+def verify_committed(step: int | None, path: Path, deep: bool = True) -> dict[str, Any]:
     """Verify ``path`` (``deep``: every array too; else manifest, sizes and SHA-256) and
-    that the manifest's step matches the folder name. Returns the manifest."""
+    that the manifest's step matches the folder name's ``step`` (None: not checked).
+    Returns the manifest."""
     manifest = read_manifest(path)
-    read_shards(path, manifest, hashed=None, deep=deep)
-    if manifest["step"] != step:
+    if step is not None and manifest["step"] != step:
         raise fmt.invalid(path, f"manifest says step {manifest['step']} but the folder is step {step}")
+    check_shards(path, manifest)
+    if deep:
+        parse_shards(path, manifest)
     return manifest

@@ -1,20 +1,21 @@
 """Datasets: (Fashion-)MNIST idx folders, CIFAR-10/Madelon/HIGGS publisher files, npz/h5 files, a
-built-in synthetic generator; data order.
+built-in synthetic generator; the dataset cache shared by the ranks of a node; data order.
 
 Never sees a communicator; rank-dependent selection is done with the pure functions of
-:mod:`hpc_sparse.data.partition`. Takes plain arguments (it does not know the config
-classes): the engine calls ``load_dataset(**dataclasses.asdict(cfg.data))``.
+:mod:`hpc_sparse.data.partition`, and which process builds a cache is decided by a
+``coordinate`` callable passed in (serial default; the MPI one is in
+:mod:`hpc_sparse.parallel.node_build`). Takes plain arguments (it does not know the config
+classes): the engine calls ``load_dataset(**dataclasses.asdict(cfg.data), coordinate=...)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from hpc_sparse.data.augment import max_shift_pixels, shift_flip
-from hpc_sparse.data.loaders import default_fashion_mnist_dir, load_idx_folder, load_xy_file
+from hpc_sparse.data.cache import Coordinate, load_cached
 from hpc_sparse.data.partition import (
     AsyncBatches,
     batch_indices,
@@ -25,15 +26,15 @@ from hpc_sparse.data.partition import (
     steps_per_epoch,
     updates_per_server_epoch,
 )
-from hpc_sparse.data.preprocess import scale, standardize
-from hpc_sparse.data.published import PUBLISHED, load_published
-from hpc_sparse.data.synthetic import make_madelon
-from hpc_sparse.errors import UserError
+from hpc_sparse.data.recipes import make_recipe
 
 
 @dataclass
 class Dataset:
-    """Train and test arrays: x (n, n_features) float32 C-contiguous, y (n,) int32 in [0, n_classes)."""
+    """Train and test arrays: x (n, n_features) float32 C-contiguous, y (n,) int32 in [0, n_classes).
+
+    The arrays are read-only when they are mapped from the cache (the usual case): index
+    them (``x_train[idx]`` copies), never write into them."""
 
     name: str
     x_train: np.ndarray
@@ -44,6 +45,7 @@ class Dataset:
     source: str
     image_shape: tuple[int, int, int] | None = None  # (C, H, W) of each flattened image row
     augment: bool = False  # random shifts and flips of training batches (data.augment)
+    notes: tuple[str, ...] = ()  # log lines: where the arrays come from (cache), warnings about the data
 
     @property
     def n_features(self) -> int:
@@ -60,8 +62,11 @@ class Dataset:
 
 def load_dataset(name: str, path: str = "", test_path: str = "", preprocess: str = "auto", *,
                  n_train: int = 6000, n_test: int = 0, n_features: int = 500, n_informative: int = 20,
-                 n_classes: int = 4, seed: int = 1234, noise: float = 0.5, augment: bool = False) -> Dataset:
-    """Load and preprocess a dataset. Raises UserError with a fix on bad input.
+                 n_classes: int = 4, seed: int = 1234, noise: float = 0.5, augment: bool = False,
+                 cache_dir: str = "", coordinate: Coordinate | None = None) -> Dataset:
+    """Load and preprocess a dataset through the cache; the keyword arguments are those of ``[data]``
+    in the config. Raises :class:`~hpc_sparse.errors.UserError` naming the fix on bad input (missing
+    files, wrong shapes or labels).
 
     Parameters
     ----------
@@ -77,50 +82,35 @@ def load_dataset(name: str, path: str = "", test_path: str = "", preprocess: str
     n_test : int
         Test samples: synthetic generates this many, higgs takes the file's last n_test rows;
         0 = the dataset's default (synthetic 2000, higgs 500000).
-    n_train, n_features, n_informative, n_classes, seed, noise
-        The synthetic generator's sizes, seed and noise (ignored for the other datasets).
+    n_train : int
+        synthetic: training samples (ignored for the other datasets, as are the five below).
+    n_features : int
+        synthetic: total features (informative + noise).
+    n_informative : int
+        synthetic: informative features.
+    n_classes : int
+        synthetic: classes.
+    seed : int
+        synthetic: seed of the generated data (not the run's seed).
+    noise : float
+        synthetic: std of the Gaussian noise on the informative features.
     augment : bool
         cifar10: random shifts and flips of training batches (:meth:`Dataset.train_batch`).
+    cache_dir : str
+        Folder of the dataset cache ("" = beside the source if writable, else the user cache
+        folder; "off" = no cache, the arrays in this process's memory). See
+        :mod:`hpc_sparse.data.cache`.
+    coordinate : callable, optional
+        Decides which process builds a missing cache entry while the others wait (default:
+        this process builds it).
     """
-    if name in PUBLISHED:
-        a = load_published(name, path, preprocess, n_test)
-        return Dataset(name, a.x_train, a.y_train, a.x_test, a.y_test, a.n_classes, a.source, a.image_shape, augment)
-    if name == "synthetic":
-        n_test = n_test or 2000  # 0: the dataset's default
-        x, y = make_madelon(n_train + n_test, n_features, n_informative, n_classes, noise, seed)
-        xtr, ytr, xte, yte = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
-        source = f"synthetic Madelon-style (seed {seed})"
-    elif name in ("fashion-mnist", "mnist"):
-        folder = Path(path) if path else (default_fashion_mnist_dir() if name == "fashion-mnist" else None)
-        if folder is None:
-            raise UserError("data.name='mnist' needs data.path, the folder of the MNIST idx files; "
-                            "fix: --set data.path=/path/to/mnist")
-        if not folder.is_dir():
-            extra = " or 'apt-get install dataset-fashion-mnist'" if name == "fashion-mnist" else ""
-            raise UserError(f"{name} folder '{folder}' does not exist; fix: set data.path to the folder "
-                            f"of the idx files{extra}")
-        xtr, ytr, xte, yte = load_idx_folder(folder, name)
-        source = str(folder)
-    else:
-        xtr, ytr = load_xy_file(Path(path))
-        if not test_path:
-            raise UserError("data.name='file' needs data.test_path too; fix: --set data.test_path=test.npz")
-        xte, yte = load_xy_file(Path(test_path))
-        if xte.shape[1] != xtr.shape[1]:
-            raise UserError(f"test X has {xte.shape[1]} features but train X has {xtr.shape[1]}; "
-                            "fix: use files with the same features")
-        source = f"{path}, {test_path}"
-    mode = preprocess
-    if mode == "auto":
-        mode = "scale" if name == "mnist" else "standardize"
-    xtr, xte = xtr.astype(np.float32), xte.astype(np.float32)
-    if mode == "standardize":
-        xtr, xte = standardize(xtr, xte)
-    elif mode == "scale":
-        xtr, xte = scale(xtr, xte)
-    n_classes = int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
-    return Dataset(name, np.ascontiguousarray(xtr), ytr.astype(np.int32), np.ascontiguousarray(xte),
-                   yte.astype(np.int32), n_classes, source)
+    recipe = make_recipe(name, path, test_path, preprocess, n_train=n_train, n_test=n_test, n_features=n_features,
+                         n_informative=n_informative, n_classes=n_classes, seed=seed, noise=noise)
+    loaded = load_cached(recipe, cache_dir, coordinate)
+    a, info = loaded.arrays, loaded.info
+    shape = tuple(info["image_shape"]) if info.get("image_shape") else None
+    return Dataset(name, a["x_train"], a["y_train"], a["x_test"], a["y_test"], int(info["n_classes"]),
+                   str(info["source"]), shape, augment, tuple(loaded.notes))  # type: ignore[arg-type]
 
 
 __all__ = ["AsyncBatches", "Dataset", "batch_indices", "block_bounds", "epoch_permutation", "load_dataset",

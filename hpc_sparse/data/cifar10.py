@@ -19,6 +19,7 @@ TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 TEST_FILE = "test_batch.bin"
 IMAGE_SHAPE = (3, 32, 32)
 RECORD_BYTES = 1 + 3 * 32 * 32
+RECORDS_PER_FILE = 10_000  # in each of the six files
 N_CLASSES = 10
 SOURCE = ("download the CIFAR-10 binary version (cifar-10-binary.tar.gz) from "
           "https://www.cs.toronto.edu/~kriz/cifar.html, extract it and set data.path to its "
@@ -33,7 +34,8 @@ def cifar10_folder(path: Path) -> Path:
 
 
 def read_batch_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(x (n, 3072) uint8 in R, G, B plane order, y (n,) int32) from one ``*.bin`` batch file."""
+    """(x (10000, 3072) uint8 in R, G, B plane order, y (10000,) int32) from one ``*.bin``
+    batch file; a file of another length (cut short, even at a record boundary) is refused."""
     try:
         raw = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
@@ -41,6 +43,9 @@ def read_batch_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if raw.size == 0 or raw.size % RECORD_BYTES:
         raise UserError(f"CIFAR-10 file '{path}' has {raw.size} bytes, not a multiple of the "
                         f"{RECORD_BYTES}-byte record (truncated, or the Python/MATLAB version?); fix: {SOURCE}")
+    if raw.size != RECORDS_PER_FILE * RECORD_BYTES:
+        raise UserError(f"CIFAR-10 file '{path}' holds {raw.size // RECORD_BYTES:,} records, expected "
+                        f"{RECORDS_PER_FILE:,} (a copy cut short?); fix: {SOURCE}")
     records = raw.reshape(-1, RECORD_BYTES)
     y = records[:, 0].astype(np.int32)
     if y.max() >= N_CLASSES:
@@ -49,16 +54,19 @@ def read_batch_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(records[:, 1:]), y
 
 
-def read_cifar10(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
-    """(x_train (50000, 3072) uint8, y_train (50000,) int32, x_test, y_test, source folder)
-    from the six binary batch files in ``path`` (or in ``path/cifar-10-batches-bin``)."""
+def cifar10_files(path: Path) -> list[Path]:
+    """The five training files then the test file, in ``path`` (or ``path/cifar-10-batches-bin``)."""
     folder = cifar10_folder(path)
     missing = [name for name in (*TRAIN_FILES, TEST_FILE) if not (folder / name).is_file()]
     if missing:
         where = f"'{folder}'" if folder.is_dir() else f"'{folder}' (no such folder)"
         raise UserError(f"cifar10 file(s) {', '.join(missing)} missing in {where}; fix: {SOURCE}")
-    parts = [read_batch_file(folder / name) for name in TRAIN_FILES]
-    x_test, y_test = read_batch_file(folder / TEST_FILE)
-    x_train = np.concatenate([p[0] for p in parts])
-    y_train = np.concatenate([p[1] for p in parts])
-    return x_train, y_train, x_test, y_test, str(folder)
+    return [folder / name for name in (*TRAIN_FILES, TEST_FILE)]
+
+
+def read_cifar10(files: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train (50000, 3072) uint8, y_train (50000,) int32, x_test, y_test) from
+    :func:`cifar10_files`."""
+    parts = [read_batch_file(f) for f in files[:-1]]
+    x_test, y_test = read_batch_file(files[-1])
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), x_test, y_test

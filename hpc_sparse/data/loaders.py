@@ -63,8 +63,8 @@ def _find(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def load_idx_folder(folder: Path, dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train (n, 784) uint8, y_train, x_test, y_test) from the four idx files in ``folder``."""
+def idx_paths(folder: Path, dataset: str) -> dict[str, Path]:
+    """The four idx files in ``folder`` (plain or .gz): train_x, train_y, test_x, test_y."""
     paths = {k: _find(folder, stem) for k, stem in IDX_FILES.items()}
     missing = [IDX_FILES[k] for k, p in paths.items() if p is None]
     if missing:
@@ -72,12 +72,17 @@ def load_idx_folder(folder: Path, dataset: str) -> tuple[np.ndarray, np.ndarray,
                "folder holding them" if dataset == "fashion-mnist"
                else "download the four MNIST idx files (or .gz) and set data.path to their folder")
         raise UserError(f"{dataset} files missing in '{folder}': {', '.join(missing)}[.gz]; fix: {how}")
-    arr = {k: read_idx(p) for k, p in paths.items()}  # type: ignore[arg-type]
+    return paths  # type: ignore[return-value]
+
+
+def load_idx_files(paths: dict[str, Path], dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train (n, 784) uint8, y_train, x_test, y_test) from :func:`idx_paths`."""
+    arr = {k: read_idx(p) for k, p in paths.items()}
     xs = [arr["train_x"].reshape(arr["train_x"].shape[0], -1), arr["test_x"].reshape(arr["test_x"].shape[0], -1)]
     for x, y, part in ((xs[0], arr["train_y"], "train"), (xs[1], arr["test_y"], "test")):
         if x.shape[0] != y.shape[0]:
             raise UserError(f"{dataset} {part} set has {x.shape[0]} images but {y.shape[0]} labels in "
-                            f"'{folder}'; fix: use matching idx files")
+                            f"'{paths['train_x'].parent}'; fix: use matching idx files")
     return xs[0], arr["train_y"].astype(np.int32), xs[1], arr["test_y"].astype(np.int32)
 
 

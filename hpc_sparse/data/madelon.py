@@ -5,6 +5,11 @@ space-separated integer features per line; ``madelon_train.labels`` and
 ``madelon_valid.labels`` one label per line, -1 or +1. As in the paper's code, the
 validation set is the test set (the test set's labels were never published) and the
 labels -1/+1 become classes 0/1.
+
+UCI's zip holds ``MADELON/madelon_train.data``, ``madelon_train.labels``,
+``madelon_valid.data`` (and ``madelon_test.data``), with ``madelon_valid.labels`` beside
+``MADELON/``, not inside it: ``data.path`` may be either folder, and each file is looked
+for in the data folder, then beside it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,24 @@ def madelon_folder(path: Path) -> Path:
     """``path``, or its ``MADELON`` subfolder (the layout of UCI's zip) when that holds the files."""
     sub = path / "MADELON"
     return sub if sub.is_dir() and not (path / FILES[0]).is_file() else path
+
+
+def madelon_files(path: Path) -> list[Path]:
+    """The four files (train data, train labels, valid data, valid labels): each in the data
+    folder (:func:`madelon_folder`), else in its parent (where UCI's zip puts
+    ``madelon_valid.labels``) or in ``path``."""
+    folder = madelon_folder(path)
+    places = list(dict.fromkeys([folder, path, folder.parent]))
+    found, missing = [], []
+    for name in FILES:
+        hit = next((p / name for p in places if (p / name).is_file()), None)
+        if hit is None:
+            missing.append(name)
+        found.append(hit)
+    if missing:
+        where = " or ".join(f"'{p}'" for p in places) if folder.is_dir() else f"'{folder}' (no such folder)"
+        raise UserError(f"madelon file(s) {', '.join(missing)} missing in {where}; fix: {SOURCE}")
+    return found  # type: ignore[return-value]
 
 
 def read_int_table(path: Path) -> np.ndarray:
@@ -60,18 +83,14 @@ def _labels(path: Path, n_rows: int, data_name: str) -> np.ndarray:
     return (y == 1).astype(np.int32)
 
 
-def read_madelon(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
-    """(x_train (2000, 500) int32, y_train (2000,) int32 in {0, 1}, x_valid, y_valid, folder)."""
-    folder = madelon_folder(path)
-    missing = [name for name in FILES if not (folder / name).is_file()]
-    if missing:
-        where = f"'{folder}'" if folder.is_dir() else f"'{folder}' (no such folder)"
-        raise UserError(f"madelon file(s) {', '.join(missing)} missing in {where}; fix: {SOURCE}")
-    x_train = read_int_table(folder / FILES[0])
-    x_valid = read_int_table(folder / FILES[2])
+def read_madelon(files: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train (2000, 500) int32, y_train (2000,) int32 in {0, 1}, x_valid, y_valid) from
+    :func:`madelon_files`."""
+    x_train = read_int_table(files[0])
+    x_valid = read_int_table(files[2])
     if x_valid.shape[1] != x_train.shape[1]:
-        raise UserError(f"Madelon '{FILES[2]}' has {x_valid.shape[1]} features but '{FILES[0]}' has "
+        raise UserError(f"Madelon '{files[2]}' has {x_valid.shape[1]} features but '{files[0]}' has "
                         f"{x_train.shape[1]}; fix: {SOURCE}")
-    y_train = _labels(folder / FILES[1], x_train.shape[0], FILES[0])
-    y_valid = _labels(folder / FILES[3], x_valid.shape[0], FILES[2])
-    return x_train, y_train, x_valid, y_valid, str(folder)
+    y_train = _labels(files[1], x_train.shape[0], FILES[0])
+    y_valid = _labels(files[3], x_valid.shape[0], FILES[2])
+    return x_train, y_train, x_valid, y_valid

@@ -28,18 +28,23 @@ from hpc_sparse.checkpoint import save_checkpoint
 from hpc_sparse.config import Config
 from hpc_sparse.data import Dataset, block_bounds, load_dataset
 from hpc_sparse.engine import resume as rs
-from hpc_sparse.engine.failure import end_job_on_error
+from hpc_sparse.engine.failure import end_job_on_error, must_abort
+from hpc_sparse.engine.ownership import take_run_dir
 from hpc_sparse.engine.progress import Progress
 from hpc_sparse.errors import UserError
 from hpc_sparse.log import RunLog
 from hpc_sparse.model_builder import build_model, check_data_shape, describe_blocking, layer_structure
 from hpc_sparse.parallel import comm as pc
+from hpc_sparse.parallel import node_build
+from hpc_sparse.parallel.placement import describe_placement, gather_placement
 from hpc_sparse.runtime.host import host_info
+from hpc_sparse.runtime.run_lock import RunLock
 from hpc_sparse.runtime.signals import EXIT_REQUEUE, StopFlag
 from hpc_sparse.runtime.slurm import describe as describe_slurm
 from hpc_sparse.runtime.slurm import read_slurm_env
 from hpc_sparse.sparse import SparseMLP
 from hpc_sparse.topology import Gather, evolve_model, prune_neurons
+from hpc_sparse.topology.importance import describe_pruning, neurons_without_inputs
 from hpc_sparse.topology.schedule import drop_fraction, evolve_after_epoch, prune_neurons_after_epoch
 
 Batch = tuple[np.ndarray, np.ndarray]
@@ -61,7 +66,7 @@ class Schedule(Protocol):
 class TopologyUpdate:
     """What one epoch-end topology update did."""
 
-    pruned: list[int] | None  # neurons removed per hidden layer, None if no pruning was scheduled
+    pruned: list[int] | None  # neurons pruned per hidden layer (prune_neurons), None if none was scheduled
     evolved: bool
     evolve_seconds: float
 
@@ -70,24 +75,39 @@ class TopologyUpdate:
         return self.pruned is not None or self.evolved
 
 
+def configured_shapes(cfg: Config) -> list[tuple[int, int]]:
+    """The (n_in, n_out) of every weight matrix as configured: SET draws regrown values for
+    these shapes, whatever importance pruning has removed since (README, "Where this differs")."""
+    w = cfg.model.layers
+    return list(zip(w[:-1], w[1:]))
+
+
 def configure_threads(cfg: Config, comm: Any) -> int:
     """Set numba's thread count: config, else HPC_SPARSE_THREADS, else cores/ranks on the node."""
     import numba
 
-    n = cfg.train.threads or int(os.environ.get("HPC_SPARSE_THREADS", "0") or 0) or pc.default_threads(comm)
+    on_node = pc.ranks_on_node(comm)  # a collective: on every rank, whatever the environment says
+    n = cfg.train.threads or int(os.environ.get("HPC_SPARSE_THREADS", "0") or 0) or pc.default_threads(on_node)
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
     return n
 
 
-def load_data(cfg: Config) -> Dataset:
-    """The dataset ``cfg.data`` describes (data/ takes plain arguments)."""
-    return load_dataset(**asdict(cfg.data))
+def load_data(cfg: Config, comm: Any = None) -> Dataset:
+    """The dataset ``cfg.data`` describes, loaded and preprocessed as a run sees it
+    (:func:`~hpc_sparse.data.load_dataset`). Collective over
+    ``comm`` (None: this process alone): a missing cache entry is built once per node (or
+    once, on a folder every rank sees) while the other ranks wait, then every rank maps it."""
+    coordinate = None if comm is None else node_build.coordinator(comm)
+    return load_dataset(**asdict(cfg.data), coordinate=coordinate)
 
 
 def evaluate(model: SparseMLP, data: Dataset, comm: Any, batch_size: int) -> tuple[float, float]:
-    """Test loss and accuracy, each rank on its block of the test set, reduced exactly
-    (sums of loss, hits and counts), so any number of ranks reports the same figures."""
+    """Mean test loss and accuracy (a fraction) of ``model`` on ``data.x_test``.
+
+    Each rank of ``comm`` evaluates its block of the test set, in batches of ``batch_size``
+    samples; the sums of loss, hits and counts are reduced exactly, so any number of ranks
+    reports the same figures. Collective: every rank of ``comm`` must call it."""
     lo, hi = block_bounds(data.x_test.shape[0], comm.Get_size(), comm.Get_rank())
     r = model.evaluate(data.x_test[lo:hi], data.y_test[lo:hi], batch_size)
     tot = pc.allreduce_sum_(comm, np.array([r.loss_sum, r.correct, r.count], np.float64))
@@ -117,16 +137,23 @@ class Engine:
         self.schedule_name = ""
         self.schedule_state: dict[str, Any] = {}  # what checkpoints store for the schedule by default
         self.host = host_info()
+        self.lock: RunLock | None = None  # the run dir's lock while run_schedule runs
         self.n_train = 0
         self.model: SparseMLP
         self.data: Dataset
         self._last_save_time = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
-    def run_schedule(self, schedule: Schedule, resume: str | None = None) -> int:
-        """Start (or resume), train with ``schedule`` to the end (0) or to a stop signal
-        (checkpoint written, returns ``EXIT_REQUEUE``), finish. An exception on one rank of
-        several ends every rank (:func:`~hpc_sparse.engine.failure.end_job_on_error`).
+    def run_schedule(self, schedule: Schedule, resume: str | None = None, *, fresh_if_none_valid: bool = False,
+                     break_lock: bool = False) -> int:
+        """Take the run dir, start (or resume), train with ``schedule`` to the end (0) or to a
+        stop signal (checkpoint written, returns ``EXIT_REQUEUE``), finish. An exception on one
+        rank of several ends every rank (:func:`~hpc_sparse.engine.failure.end_job_on_error`).
+
+        ``fresh_if_none_valid``: with ``resume="auto"``, start from step 0 when committed
+        checkpoints exist but none loads (otherwise that is refused). ``break_lock``: take
+        over a run dir lock whose holder cannot be checked (:mod:`hpc_sparse.engine.ownership`).
+        The lock is released at every exit, also when one rank's error aborts the job.
 
         The stop flag's handlers are installed first (a signal during start-up must not kill
         the rank) and stay installed when this returns ``EXIT_REQUEUE``: a second signal
@@ -137,40 +164,52 @@ class Engine:
             self.stop.install()
         status = None
         try:
+            self.lock = take_run_dir(self.comm, self.run_dir, self.log, break_lock)
             self.schedule_name = schedule.name
             schedule.check_config(self)
-            self.start(resume, schedule)
+            self.start(resume, schedule, fresh_if_none_valid)
             status = schedule.run(self)
             if status == 0:
                 self.finish()
+            # rank 0 applies retention after a save has released the other ranks; wait for it,
+            # so that the run dir is final on every rank when this returns
+            self.comm.Barrier()
             return status
         except BaseException as exc:
+            if self.lock is not None and must_abort(exc, self.size):
+                self.lock.release()  # the abort below ends every rank, rank 0 included
             end_job_on_error(self.comm, exc)
             raise
         finally:
+            if self.lock is not None and self.rank == 0:
+                self.lock.release()
+            self.lock = None
             if own_handlers and status != EXIT_REQUEUE:
                 self.stop.restore()
 
-    def start(self, resume: str | None, schedule: Schedule) -> None:
-        """Folders, threads, data; the model from a checkpoint (``resume``) or fresh."""
+    def start(self, resume: str | None, schedule: Schedule, fresh_if_none_valid: bool = False) -> None:
+        """Threads, data; the model from a checkpoint (``resume``) or fresh. The run dir
+        exists and this job holds it."""
         cfg = self.cfg
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.comm.Barrier()
         threads = configure_threads(cfg, self.comm)
-        self.data = load_data(cfg)
+        hosts = gather_placement(self.comm, threads)  # collective: before anything that may fail on one rank
+        self.data = load_data(cfg, self.comm)
         self.n_train = int(self.data.x_train.shape[0])
         check_data_shape(cfg, self.data.n_features, self.data.n_classes)
         d = self.data
         self.log.info(f"hpc_sparse {__version__} | {self.size} rank(s) x {threads} thread(s) | {pc.mpi_vendor()} "
                       f"| {schedule.name} | {self.host['cpu_model']} ({self.host['numba_cpu_name']})")
+        self.log.info(describe_placement(hosts))
         slurm = read_slurm_env()
         if slurm is not None:
             self.log.info(describe_slurm(slurm))
         self.log.info(f"data: {d.name} from {d.source}: {d.x_train.shape[0]} train, {d.x_test.shape[0]} test, "
                       f"{d.n_features} features, {d.n_classes} classes")
+        for note in d.notes:
+            self.log.info(note)
         if resume:
-            self.resumed = rs.load_resumed(self.comm, cfg, self.run_dir, resume, self.log, schedule.name)
+            self.resumed = rs.load_resumed(self.comm, cfg, self.run_dir, resume, self.log, schedule.name,
+                                           fresh_if_none_valid)
         if self.resumed is not None:
             self.model, self.progress, self.history = self.resumed.model, self.resumed.progress, self.resumed.history
             schedule.check_resume(self, self.resumed)  # may refuse (every rank) or move the position
@@ -195,7 +234,8 @@ class Engine:
         if not self.history or last.get("step") != p.step:  # stopped mid-epoch: measure afresh
             last["test_loss"], last["test_accuracy"] = self.evaluate(self.model)
         summary = {**last, "model_sha256": self.model.sha256(), "widths": list(self.model.widths),
-                   "nnz": self.model.nnz, "hidden_neurons": self.model.hidden_neurons, "steps": p.step,
+                   "nnz": self.model.nnz, "hidden_neurons": self.model.hidden_neurons,
+                   "neurons_without_inputs": sum(neurons_without_inputs(self.model)), "steps": p.step,
                    "epochs_completed": p.epoch, "ranks": self.size, "mode": self.schedule_name,
                    "best_test_accuracy": max((h["test_accuracy"] for h in self.history), default=None)}
         self.log.write_json("summary.json", summary)
@@ -210,19 +250,20 @@ class Engine:
         stream ``evolution``.
 
         RigL scores missing connections from the buffers of the model's last training step.
-        Importance pruning clears them (the widths changed), so before evolving they are
-        recomputed from ``last_batch`` (x, y of this rank's last training batch) at the new
-        widths. ``gather`` exchanges RigL candidates between ranks that share the model
-        (None: this rank decides alone). ``who`` names the model in log lines."""
+        Importance pruning clears them (the widths or the emptied neurons' outputs changed),
+        so before evolving they are recomputed from ``last_batch`` (x, y of this rank's last
+        training batch) on the pruned model. ``gather`` exchanges RigL candidates between
+        ranks that share the model (None: this rank decides alone). ``who`` names the model
+        in log lines."""
         cfg = self.cfg
         pruned = None
         if prune and prune_neurons_after_epoch(epoch, cfg.train.epochs, cfg.importance.enabled,
                                                cfg.importance.start_epoch, cfg.importance.every):
-            before = list(model.widths)
+            before = (list(model.widths), model.nnz)
             pruned = prune_neurons(model, cfg.importance.percentile, cfg.importance.min_neurons,
-                                   layer_structure(cfg))
-            self.log.info(f"importance pruning after {who}epoch {epoch + 1}: removed {pruned} neurons; "
-                          f"widths {before} -> {list(model.widths)}")
+                                   layer_structure(cfg), cfg.importance.mode)
+            self.log.info(f"importance pruning after {who}epoch {epoch + 1}: "
+                          + describe_pruning(model, cfg.importance.mode, pruned, before))
         evolved = evolve_after_epoch(epoch, cfg.train.epochs, cfg.topology.evolve_every)
         t0 = time.perf_counter()
         if evolved:
@@ -236,7 +277,7 @@ class Engine:
             kwargs = {} if gather is None else {"gather": gather}
             evolve_model(model, zeta=zeta, growth=cfg.topology.growth, seed=cfg.seed, evolution=evolution,
                          init=cfg.model.init, block_rows=cfg.topology.rigl_block_rows,
-                         structure=layer_structure(cfg), **kwargs)
+                         structure=layer_structure(cfg), init_shapes=configured_shapes(cfg), **kwargs)
         return TopologyUpdate(pruned, evolved, time.perf_counter() - t0)
 
     def evaluate(self, model: SparseMLP, comm: Any | None = None) -> tuple[float, float]:

@@ -13,9 +13,12 @@ point, so nobody waits); ``KeyboardInterrupt`` and ``SystemExit``.
 from __future__ import annotations
 
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from hpc_sparse.errors import UserError
+
+T = TypeVar("T")
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
@@ -39,3 +42,24 @@ def end_job_on_error(comm: Any, exc: BaseException) -> None:
     if not isinstance(exc, UserError):
         traceback.print_exception(type(exc), exc, exc.__traceback__)
     pc.abort_on_error(comm, exc, EXIT_USER_ERROR if isinstance(exc, UserError) else EXIT_FAILURE)
+
+
+def agreed(comm: Any, fn: Callable[[], T]) -> T:
+    """``fn()`` on every rank, with its user errors agreed: if it raises a :class:`UserError`
+    on any rank, every rank raises one (``every_rank=True``) with the message of the lowest
+    failing rank. The job then leaves with status 2 on every launcher (``srun`` reports an
+    ``MPI_Abort`` as 137) and rank 0 prints the one line.
+
+    Collective (one ``allgather`` of the short error text). For steps whose errors come from
+    input that every rank reads on its own, e.g. the config; other exceptions propagate (and
+    end the job through :func:`end_job_on_error`).
+    """
+    error, result = None, None
+    try:
+        result = fn()
+    except UserError as exc:
+        error = str(exc)
+    failed = [e for e in comm.allgather(error) if e is not None]
+    if failed:
+        raise UserError(failed[0], every_rank=True)
+    return result  # type: ignore[return-value]

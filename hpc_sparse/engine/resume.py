@@ -3,7 +3,11 @@
 Used by :class:`hpc_sparse.engine.core.Engine` (this module does not know the engine):
 
 1. Rank 0 chooses the checkpoint and every rank verifies and reads it collectively, each
-   shard hashed once per job (:func:`hpc_sparse.checkpoint.choose_and_load`).
+   shard hashed once per job (:func:`hpc_sparse.checkpoint.choose_and_load`); the
+   manifest's ``meta`` must hold what a resume reads (:func:`check_meta`), else the
+   checkpoint is invalid. A checkpoint that could not be *read* (an error of the
+   environment) stops the run, and so does ``--resume auto`` when committed checkpoints
+   exist but none is valid, unless ``--fresh-if-none-valid`` asks to start from step 0.
 2. The config must keep the seed (other differences are logged); the schedule must be the
    one that wrote it; the schedule checks the rest (``check_resume``: e.g. sync rescales
    the position for another rank count or batch size, WASAP-SGD refuses those mid-run).
@@ -20,13 +24,14 @@ Used by :class:`hpc_sparse.engine.core.Engine` (this module does not know the en
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hpc_sparse.checkpoint import choose_and_load, set_aside_newer
+from hpc_sparse.checkpoint.format import invalid
 from hpc_sparse.config import Config, config_from_dict
 from hpc_sparse.engine.progress import Progress
 from hpc_sparse.errors import UserError
@@ -67,21 +72,59 @@ class Resumed:
         return int(self.meta["config"]["train"]["batch_size"])
 
 
-def load_resumed(comm: Any, cfg: Config, run_dir: Path, resume: str, log: RunLog, schedule: str
-                 ) -> Resumed | None:
+def check_meta(path: Path, manifest: dict[str, Any]) -> None:
+    """Raise CheckpointError (the checkpoint is invalid) unless the manifest's ``meta`` holds
+    what a resume reads, with the right types: the config, the progress counters, the
+    history, the schedule's name and state, the per-rank model hashes."""
+    meta = manifest["meta"]
+    progress = meta.get("progress")
+    problems = []
+    if not isinstance(meta.get("config"), dict):
+        problems.append("config")
+    if not isinstance(progress, dict) or not {"step", "epoch", "step_in_epoch"} <= set(progress) <= {
+            f.name for f in fields(Progress)} or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                        for v in progress.values()):
+        problems.append("progress")
+    if not isinstance(meta.get("history"), list) or not all(isinstance(h, dict) for h in meta["history"]):
+        problems.append("history")
+    if not isinstance(meta.get("schedule", "sync"), str) or not isinstance(meta.get("schedule_state") or {}, dict):
+        problems.append("schedule")
+    shas = meta.get("rank_model_sha256")
+    if shas is not None and (not isinstance(shas, list) or not all(isinstance(x, str) for x in shas)):
+        problems.append("rank_model_sha256")
+    if problems:
+        raise invalid(path, f"its meta has no usable {', '.join(problems)} (not written by a training run?)")
+
+
+def load_resumed(comm: Any, cfg: Config, run_dir: Path, resume: str, log: RunLog, schedule: str,
+                 fresh_if_none_valid: bool = False) -> Resumed | None:
     """Load the checkpoint ``resume`` ("auto" or a path) names, for the schedule named
-    ``schedule``; None if ``auto`` found no valid one (the run starts afresh; checkpoints that
-    failed verification are then set aside). Collective; errors are raised on every rank."""
-    loaded = choose_and_load(comm, run_dir, resume)
+    ``schedule``; None if ``auto`` found no committed one, or none valid and
+    ``fresh_if_none_valid`` (the run starts afresh; checkpoints that failed verification are
+    then set aside). Collective; errors are raised on every rank."""
+    loaded = choose_and_load(comm, run_dir, resume, check=check_meta)
     for bad, reason in loaded.skipped:
         log.info(f"skipping invalid checkpoint {bad}: {reason}")
-    invalid = {p for p, _ in loaded.skipped}
+    invalid_paths = {p for p, _ in loaded.skipped}
     if loaded.path is None:
+        if loaded.skipped and not fresh_if_none_valid:
+            names = ", ".join(p.name for p, _ in loaded.skipped)
+            raise UserError(f"none of the {len(loaded.skipped)} committed checkpoint(s) in {run_dir} is valid "
+                            f"({names}; the reasons are logged above) and a fresh start would leave their training "
+                            "behind; fix: inspect them with `hpc-sparse info --run-dir`, resume one with --resume PATH, "
+                            "or pass --fresh-if-none-valid to start from step 0 (they are then set aside, not deleted)",
+                            every_rank=True)
         log.info(f"no valid checkpoint in {run_dir}; starting from scratch")
-        keep_lineage(comm, run_dir, -1, invalid, log)
+        keep_lineage(comm, run_dir, -1, invalid_paths, log)
         return None
     path, manifest = loaded.path, loaded.manifest
     meta = manifest["meta"]
+    if not loaded.state and int(manifest["n_ranks"]) != comm.Get_size():
+        # per-rank models (WASAP-SGD's local phase): decided from the manifest, which every rank
+        # holds, so that every rank refuses together (not only the ranks without a model)
+        raise UserError(f"checkpoint {path} holds one model per rank, written by {manifest['n_ranks']} rank(s), and "
+                        f"this run has {comm.Get_size()}; fix: resume it with {manifest['n_ranks']} rank(s)",
+                        every_rank=True)
     _check_config(cfg, meta["config"], str(path), log)
     saved_schedule = meta.get("schedule", "sync")
     complete = meta["progress"]["epoch"] >= cfg.train.epochs and meta["progress"]["step_in_epoch"] == 0
@@ -91,7 +134,7 @@ def load_resumed(comm: Any, cfg: Config, run_dir: Path, resume: str, log: RunLog
                         "a new --run-dir", every_rank=True)
     model = _model(cfg, comm.Get_rank(), loaded.state, loaded.rank_state, str(path))
     resumed = Resumed(path, meta, int(manifest["n_ranks"]), model, Progress(**meta["progress"]),
-                      list(meta["history"]), loaded.rank_state, invalid)
+                      list(meta["history"]), loaded.rank_state, invalid_paths)
     _check_loaded(comm, resumed)
     return resumed
 
@@ -109,18 +152,27 @@ def finish_resume(comm: Any, run_dir: Path, resumed: Resumed, progress: Progress
 
 def _model(cfg: Config, rank: int, state: dict[str, Any], rank_state: dict[str, Any] | None,
            source: str) -> SparseMLP:
-    """The replica model of ``state``, or (a checkpoint of per-rank models) this rank's own."""
+    """The replica model of ``state``, or (a checkpoint of per-rank models) this rank's own.
+
+    A replica is the same on every rank, so its errors are raised by every rank together; a
+    per-rank model's only by its rank (``every_rank=False``: the engine then ends the job)."""
     if state:
-        return model_from_state(cfg, state, source)
+        try:
+            return model_from_state(cfg, state, source)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:  # verified arrays that do not form a model
+            raise UserError(f"checkpoint {source} does not hold a complete model ({type(exc).__name__}: {exc}); "
+                            "fix: resume an older checkpoint", every_rank=True) from exc
     mine = {k[len(MODEL_PREFIX):]: v for k, v in (rank_state or {}).items() if k.startswith(MODEL_PREFIX)}
     if not mine:
-        raise UserError(f"checkpoint {source} holds no model for rank {rank} (it was written by another "
-                        "number of ranks?); fix: resume it with the number of ranks that wrote it", every_rank=True)
+        raise UserError(f"checkpoint {source} holds no model for rank {rank}; fix: resume an older checkpoint")
     return model_from_rank_arrays(cfg, mine, source)
 
 
 def _check_config(cfg: Config, saved: dict[str, Any], source: str, log: RunLog) -> None:
-    old = config_from_dict(saved).to_dict()
+    try:
+        old = config_from_dict(saved).to_dict()
+    except UserError as exc:  # the same on every rank
+        raise UserError(f"checkpoint {source} holds a config this version refuses ({exc})", every_rank=True) from exc
     new = cfg.to_dict()
     if old["seed"] != new["seed"]:
         raise UserError(f"checkpoint {source} was trained with seed={old['seed']} but the config says "

@@ -28,18 +28,26 @@ def self_comm() -> MPI.Comm:
     return MPI.COMM_SELF
 
 
+def node_comm(comm: MPI.Comm) -> MPI.Comm:
+    """The ranks of ``comm`` that share this node's memory (``Split_type(COMM_TYPE_SHARED)``);
+    its rank 0 is the node's first rank. A collective: every rank of ``comm`` must call it,
+    whatever its environment (never behind an environment variable that ranks may see
+    differently). The node is found by MPI, not by hostname. Free it when done."""
+    return comm.Split_type(MPI.COMM_TYPE_SHARED)
+
+
 def ranks_on_node(comm: MPI.Comm) -> int:
-    """How many ranks of ``comm`` share this node's memory."""
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    """How many ranks of ``comm`` share this node's memory. A collective (see :func:`node_comm`)."""
+    node = node_comm(comm)
     try:
         return node.Get_size()
     finally:
         node.Free()
 
 
-def default_threads(comm: MPI.Comm) -> int:
+def default_threads(on_node: int) -> int:
     """Compute threads per rank: SLURM's cpus-per-task if set, else the cores this process may
-    use divided by the ranks on the node (at least 1), so ranks never oversubscribe."""
+    use divided by ``on_node``, the ranks on the node (at least 1), so ranks never oversubscribe."""
     env = os.environ.get("SLURM_CPUS_PER_TASK")
     if env and env.isdigit():
         return max(1, int(env))
@@ -47,7 +55,7 @@ def default_threads(comm: MPI.Comm) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         cores = os.cpu_count() or 1
-    return max(1, cores // ranks_on_node(comm))
+    return max(1, cores // max(1, on_node))
 
 
 def allreduce_sum_(comm: MPI.Comm, buf: np.ndarray) -> np.ndarray:

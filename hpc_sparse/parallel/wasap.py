@@ -13,6 +13,7 @@ failing rank normally ends the job at once (the engine aborts); the timeout is t
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -68,21 +69,23 @@ class Poller:
         self.min_sleep, self.max_sleep = min_sleep, max_sleep
         self.wait_seconds = 0.0
 
-    def wait(self, reqs: list[MPI.Request], what: str) -> None:
-        """Complete every request of ``reqs``; raise WasapTimeout naming ``what`` on timeout."""
+    def wait(self, reqs: list[MPI.Request], what: str, timeout: float | None = None) -> None:
+        """Complete every request of ``reqs``; raise WasapTimeout naming ``what`` after
+        ``timeout`` seconds (default: this poller's; ``math.inf``: never)."""
+        limit = self.timeout if timeout is None else timeout
         t0 = time.perf_counter()
         sleep = self.min_sleep
         try:
             while not MPI.Request.Testall(reqs):
                 now = time.perf_counter()
-                if now - t0 > self.timeout:
+                if now - t0 > limit:
                     for r in reqs:
                         if r != MPI.REQUEST_NULL:
                             try:
                                 r.Cancel()
                             except MPI.Exception:  # pragma: no cover - best effort
                                 pass
-                    raise WasapTimeout(f"waited {self.timeout:g} s for {what}; a peer rank has probably failed "
+                    raise WasapTimeout(f"waited {limit:g} s for {what}; a peer rank has probably failed "
                                        "or hangs; fix: check the other ranks' errors (or raise "
                                        "HPC_SPARSE_WASAP_TIMEOUT if one epoch legitimately takes longer)")
                 time.sleep(sleep)
@@ -269,12 +272,13 @@ class WorkerEndpoint(_Endpoint):
             raise ProtocolError(f"GRAD payload has {grads.size} floats, header implies {header.float_count()}")
         self._start(header, grads)
 
-    def finish_push(self) -> Message:
-        """Wait for the reply to the request in flight (MODEL, or FINAL after DONE; HOLD)."""
+    def finish_push(self, timeout: float | None = None) -> Message:
+        """Wait for the reply to the request in flight (MODEL, or FINAL after DONE; HOLD),
+        at most ``timeout`` seconds (default: the poller's)."""
         if self._pending is None:
             raise ProtocolError("no request in flight")
         header, hdr_in, rreq, sreqs, _, _ = self._pending
-        self.poller.wait([rreq], f"the server's reply to {header.kind_name} (step {header.step})")
+        self.poller.wait([rreq], f"the server's reply to {header.kind_name} (step {header.step})", timeout)
         reply = Header.unpack(hdr_in, 0)
         if reply.kind not in (MODEL, FINAL, HOLD):
             raise ProtocolError(f"rank {self.rank} expected MODEL, FINAL or HOLD from rank 0, got {reply.kind_name}")
@@ -289,9 +293,13 @@ class WorkerEndpoint(_Endpoint):
         return self.finish_push()
 
     def done(self, step: int, flags: int = 0) -> Message:
-        """Send DONE; return the FINAL model (sent once every rank has finished), or HOLD."""
+        """Send DONE; return the FINAL model (sent once every rank has finished), or HOLD.
+
+        No timeout here: the answer comes when the slowest rank has finished its share, which
+        may legitimately take longer than any per-message bound. A rank that fails meanwhile
+        ends the job through the engine's abort, so this wait cannot outlive the job."""
         self._start(Header(DONE, step=step, flags=flags), None)
-        return self.finish_push()
+        return self.finish_push(timeout=math.inf)
 
 
 def gather_to_root(comm: MPI.Comm, header: Header, floats: np.ndarray, ints: np.ndarray,

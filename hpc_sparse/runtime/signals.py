@@ -8,6 +8,12 @@ its safe points, the ranks agree on it, write a checkpoint and exit with
 No MPI here: the rank's exit with that status (``MPI.Finalize`` first) is
 :func:`hpc_sparse.parallel.comm.exit_with_status`.
 
+A stop signal that reaches a rank before its handler is installed (interpreter start,
+``MPI_Init``) would kill it. So the job script passes a stop on to the ranks only once
+every rank is ready: :func:`announce_ready` (after the handlers are installed on every
+rank) creates the file ``HPC_SPARSE_READY_FILE`` names; before it exists the script ends
+the launcher instead (nothing was trained yet) and requeues.
+
 Example
 -------
 >>> with StopFlag().install() as stop:        # doctest: +SKIP
@@ -19,12 +25,17 @@ Example
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
+import sys
+import time
 from collections.abc import Iterable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
-__all__ = ["EXIT_REQUEUE", "StopFlag"]
+__all__ = ["EXIT_REQUEUE", "READY_FILE_ENV", "StopFlag", "announce_ready"]
 
 EXIT_REQUEUE = 75
 """Exit status: stopped by a signal after writing a checkpoint; the job script should requeue.
@@ -32,6 +43,9 @@ EXIT_REQUEUE = 75
 (75 is ``EX_TEMPFAIL`` of ``sysexits.h``: "try again later".)"""
 
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+READY_FILE_ENV = "HPC_SPARSE_READY_FILE"
+"""Environment variable naming the file :func:`announce_ready` creates (set by the job script)."""
 
 
 class StopFlag:
@@ -108,3 +122,31 @@ class StopFlag:
 
     def __repr__(self) -> str:
         return f"StopFlag(requested={self.requested}, signal={self.signal_name})"
+
+
+def announce_ready(comm: Any, environ: dict[str, str] | None = None) -> Path | None:
+    """Tell the job script that every rank of ``comm`` takes stop signals from now on.
+
+    Collective: call it on every rank once its :class:`StopFlag` is installed. After a
+    barrier, rank 0 creates the file named by ``HPC_SPARSE_READY_FILE`` (read from rank 0's
+    ``environ``, default ``os.environ``; nothing is written if it is unset), holding its
+    host, pid and the time. Returns the path written, else ``None``.
+    """
+    comm.Barrier()  # every rank has its handlers once rank 0 passes this
+    if comm.Get_rank() != 0:
+        return None
+    name = (os.environ if environ is None else environ).get(READY_FILE_ENV, "")
+    if not name:
+        return None
+    path = Path(name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')} "
+                       f"{comm.Get_size()} ranks ready\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # the run itself reports an unwritable run dir, with its fix
+        print(f"hpc-sparse: warning: cannot write {READY_FILE_ENV}={path} ({exc}); the job script will "
+              "treat a stop signal as arriving before start-up", file=sys.stderr, flush=True)
+        return None
+    return path

@@ -89,7 +89,8 @@ class _SyncRun:
                 e.log.step(loss_sum / max(idx.size, 1))
                 last = bool(max_steps) and p.step >= max_steps
                 if p.step % cfg.parallel.sync_every == 0 or p.step_in_epoch == spe or last:
-                    if self.sync_point(at_epoch_end=p.step_in_epoch == spe):
+                    # a stop at max_steps is not acted on: the run is complete, it finishes
+                    if self.sync_point(at_epoch_end=p.step_in_epoch == spe) and not last:
                         return e.requeue(self.save)
                 if last:
                     break
@@ -99,11 +100,16 @@ class _SyncRun:
             if p.step_in_epoch < spe:  # max_steps reached mid-epoch
                 break
             self.end_epoch(t_epoch, train_seconds, comm_seconds)
-            # checkpoints at an epoch boundary are taken after evolution and evaluation
-            if self.flags[0]:
+            complete = p.epoch >= cfg.train.epochs or bool(max_steps and p.step >= max_steps)
+            # checkpoints at an epoch boundary are taken after evolution and evaluation; a stop
+            # after the last epoch is not acted on: the run finishes (exit 0, summary.json)
+            if self.flags[0] and not complete:
                 return e.requeue(self.save)
             if self.save_due():
                 self.save()
+        if self.flags[0]:
+            e.log.info(f"stop signal ({e.stop.signal_name or 'on another rank'}) arrived as training completed: "
+                       "finishing (status 0) instead of requeueing")
         # a signal from here on is too late to matter: the run completes normally
         return 0
 

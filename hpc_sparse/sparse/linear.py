@@ -41,7 +41,12 @@ def as_canonical_csr(w: sp.spmatrix | sp.sparray) -> sp.csr_matrix:
 
 
 class SparseLinear:
-    """A truly sparse fully-connected layer.
+    """A truly sparse fully-connected layer: ``z = a @ weight + bias`` for a batch ``a`` of
+    shape (B, n_in).
+
+    The kernels also need, per row, where each column part starts (:meth:`part_index`, one
+    index per block count in use: the forward and backward passes may block differently); it
+    is derived from the CSR index on first use and dropped when the topology changes.
 
     Attributes
     ----------
@@ -51,10 +56,6 @@ class SparseLinear:
     w_velocity : ndarray (nnz,) float32
         Momentum of each stored weight, aligned with ``weight.data``.
     b_velocity : ndarray (n_out,) float32
-
-    The kernels also need, per row, where each column part starts (:meth:`part_index`, one
-    index per block count in use: the forward and backward passes may block differently); it
-    is derived from the CSR index on first use and dropped when the topology changes.
     """
 
     def __init__(self, weight: sp.spmatrix, bias: np.ndarray | None = None,

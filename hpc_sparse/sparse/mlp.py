@@ -77,14 +77,18 @@ class SparseMLP:
     # ----------------------------------------------------------------- structure
     @property
     def widths(self) -> tuple[int, ...]:
+        """Layer sizes, input first: ``(n_features, hidden..., n_classes)``; hidden widths
+        shrink under importance pruning."""
         return (self.layers[0].shape[0],) + tuple(l.shape[1] for l in self.layers)
 
     @property
     def nnz(self) -> int:
+        """Stored connections of all layers together."""
         return sum(l.nnz for l in self.layers)
 
     @property
     def hidden_neurons(self) -> int:
+        """Neurons of all hidden layers together."""
         return sum(self.widths[1:-1])
 
     def check_shapes(self) -> None:
@@ -240,7 +244,7 @@ class SparseMLP:
     def train_step(self, x: np.ndarray, y: np.ndarray, sgd: SGD, dropout_key: np.uint64 | None) -> StepResult:
         """One SGD step on the batch x (B, n_in) float32, y (B,) int; updates weights in place.
 
-        ``dropout_key`` (see :func:`activations.dropout_key`) seeds this step's dropout
+        ``dropout_key`` (see :func:`~hpc_sparse.sparse.activations.dropout_key`) seeds this step's dropout
         masks; ``None`` disables dropout. Returns the batch's summed loss and hits.
         """
         buf, use_dropout = self._forward_loss(x, y, dropout_key)

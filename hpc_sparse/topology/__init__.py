@@ -33,13 +33,16 @@ def topology_rng(seed: int, evolution: int, layer: int) -> np.random.Generator:
 
 def evolve_model(model: SparseMLP, *, zeta: float, growth: str, seed: int, evolution: int, init: str,
                  block_rows: int = 256, gather: Gather = _serial_gather,
-                 structure: NMStructure | None = None) -> list[int]:
+                 structure: NMStructure | None = None,
+                 init_shapes: list[tuple[int, int]] | None = None) -> list[int]:
     """Evolve every hidden weight matrix (W^1..W^{L-1}; the output matrix is never evolved,
     as in the paper's code). Returns the number of connections replaced per layer.
 
-    growth='random' is SET; growth='gradient' is RigL growth from the last training batch
-    (new weights start at 0, as in RigL). With ``structure`` every evolved layer keeps that
-    N:M constraint: see :func:`evolve_set` and :func:`_structured_rigl_growth`.
+    growth='random' is SET, its new values drawn from ``init`` for the layer's shape in
+    ``init_shapes`` (the configured shapes, whatever importance pruning removed; None: the
+    current shapes); growth='gradient' is RigL growth from the last training batch (new
+    weights start at 0, as in RigL). With ``structure`` every evolved layer keeps that N:M
+    constraint: see :func:`evolve_set` and :func:`_structured_rigl_growth`.
     """
     replaced = []
     batch = model.last_batch() if growth == "gradient" else None
@@ -48,7 +51,7 @@ def evolve_model(model: SparseMLP, *, zeta: float, growth: str, seed: int, evolu
     for l, layer in enumerate(model.layers[:-1]):
         rng = topology_rng(seed, evolution, l)
         if growth == "random":
-            replaced.append(evolve_set(layer, zeta, rng, init, structure))
+            replaced.append(evolve_set(layer, zeta, rng, init, structure, init_shapes[l] if init_shapes else None))
             continue
         inputs, deltas = batch  # type: ignore[misc]
         keep = set_keep_mask(layer.weight.data, zeta)

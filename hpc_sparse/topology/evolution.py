@@ -125,9 +125,13 @@ def structured_empty_positions(rng: np.random.Generator, pruned: Pruned, count: 
 
 
 def evolve_set(layer: SparseLinear, zeta: float, rng: np.random.Generator, init: str,
-               structure: NMStructure | None = None) -> int:
+               structure: NMStructure | None = None, init_shape: tuple[int, int] | None = None) -> int:
     """One SET step on ``layer`` in place: prune at ``zeta``, regrow as many at random empty
     slots with fresh values from the init distribution. Returns the number replaced.
+
+    ``init_shape``: the (n_in, n_out) whose init distribution the new values come from (the
+    layer's configured shape, so that regrowth keeps the initial scale after importance
+    pruning has shrunk the layer); None: the layer's current shape.
 
     With ``structure``, regrowth goes only to empty slots whose N:M groups have room
     (uniform among them, slot after slot); pruning is unchanged."""
@@ -138,6 +142,6 @@ def evolve_set(layer: SparseLinear, zeta: float, rng: np.random.Generator, init:
         rows, cols = random_empty_positions(rng, pruned, pruned.removed)
     else:
         rows, cols = structured_empty_positions(rng, pruned, pruned.removed, structure, removed)  # type: ignore[arg-type]
-    n_in, n_out = pruned.shape
+    n_in, n_out = init_shape or pruned.shape
     grow(layer, pruned, rows, cols, init_values(rng, rows.size, n_in, n_out, init))
     return pruned.removed

@@ -4,13 +4,18 @@ Metric (PAPER.md §3, from the paper's code ``wasap_sgd/train/model.py``): the i
 of neuron j of hidden layer k is the absolute sum of its incoming weights,
 ``I_j = sum_i |W^k_ij|`` (a column sum of the layer's weight). Neurons with
 ``I_j <= t``, t being the q-th percentile (numpy, linear interpolation) of I over the
-layer (empty neurons included), are pruned.
+layer (empty neurons included), are pruned. Two actions (``importance.mode``):
 
-The paper's code only empties a pruned neuron's incoming column. Here the neuron is then
-removed: its column in ``W^k``, its bias, and its row in ``W^{k+1}``. A neuron without
-incoming weights outputs the constant ``f(b_j)`` at evaluation, so
-``f(b_j) * W^{k+1}[j, :]`` is folded into ``b^{k+1}`` first: the evaluation output of the
-network is the same as with the paper's emptied columns, and the widths really shrink.
+``empty`` (the paper's): the pruned neuron's incoming column is emptied, with its momentum.
+The neuron stays, with its bias and outgoing weights; it outputs the constant ``f(b_j)``,
+counts (with I = 0) in the next percentile, and SET/RigL regrowth may connect it again.
+The widths never change.
+
+``remove``: after emptying, the neuron is removed: its column in ``W^k``, its bias, and its
+row in ``W^{k+1}``. Its constant output ``f(b_j) * W^{k+1}[j, :]`` is folded into
+``b^{k+1}`` first, so the evaluation output is the same as with the emptied column, and
+the widths really shrink. The percentile is then taken over the remaining neurons, and
+regrowth can no longer reach a removed one.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from hpc_sparse.sparse.activations import Activation
 from hpc_sparse.sparse.linear import SparseLinear
 from hpc_sparse.sparse.mlp import SparseMLP
 from hpc_sparse.topology.structure import NMStructure, enforce_structure
+
+
+PRUNE_MODES = ("remove", "empty")
 
 
 def neuron_importance(layer: SparseLinear) -> np.ndarray:
@@ -104,28 +112,58 @@ def remove_neurons(below: SparseLinear, above: SparseLinear, f: Activation, neur
 
 
 def prune_neurons(model: SparseMLP, percentile: float, min_neurons: int,
-                  structure: NMStructure | None = None) -> list[int]:
-    """Importance-prune every hidden layer of ``model`` in place; returns the removed counts.
+                  structure: NMStructure | None = None, mode: str = "remove") -> list[int]:
+    """Importance-prune every hidden layer of ``model`` in place (``mode`` "remove" or
+    "empty", see the module docstring). Returns, per hidden layer, the neurons removed
+    ("remove") or the neurons whose incoming column was emptied by this call and had
+    connections before ("empty": an already empty neuron is selected again, but not counted).
 
-    Importance is read from each layer before it is changed, so one layer's removal does
-    not influence the next layer's selection within the same call.
+    Importance is read from each layer before it is changed, so one layer's pruning does
+    not influence the next layer's selection within the same call. ``min_neurons``: at
+    most ``width - min_neurons`` neurons of a layer are selected (the least important).
 
-    With ``structure`` (the N:M constraint of W^1..W^{L-1}): removing neurons shifts the
-    indices behind them, so connections change blocks and a group can end up over-full.
-    Afterwards every constrained layer is repaired by :func:`enforce_structure` (the
-    smallest-magnitude excess of each over-full group is dropped, with its momentum).
+    With ``structure`` (the N:M constraint of W^1..W^{L-1}): emptying columns only drops
+    entries, which never breaks the constraint. Removing neurons shifts the indices behind
+    them, so connections change blocks and a group can end up over-full; after "remove"
+    every constrained layer is repaired by :func:`enforce_structure` (the smallest-magnitude
+    excess of each over-full group is dropped, with its momentum).
     """
-    removed = []
-    selections = [select_pruned(neuron_importance(model.layers[k]), percentile, min_neurons)
-                  for k in range(len(model.layers) - 1)]
+    if mode not in PRUNE_MODES:
+        raise ValueError(f"unknown importance pruning mode {mode!r}; expected one of {PRUNE_MODES}")
+    hidden = model.layers[:-1]
+    selections = [select_pruned(neuron_importance(layer), percentile, min_neurons) for layer in hidden]
+    newly_empty = [int(np.count_nonzero(np.bincount(layer.weight.indices, minlength=layer.shape[1])[neurons]))
+                   for layer, neurons in zip(hidden, selections)]
+    # every layer is emptied before any neuron is removed: a removed neuron's constant output
+    # must be folded through the next layer's emptied columns, as in the emptied network
+    for layer, neurons in zip(hidden, selections):
+        empty_incoming(layer, neurons)
+    if mode == "empty":
+        model.topology_changed()
+        return newly_empty
     for k, neurons in enumerate(selections):
-        empty_incoming(model.layers[k], neurons)
         remove_neurons(model.layers[k], model.layers[k + 1], model.activations[k], neurons)
-        removed.append(int(neurons.size))
     if structure is not None:
         for layer in model.layers[:-1]:
             w, vel, dropped = enforce_structure(layer.weight, layer.w_velocity, structure)
             if dropped:
                 layer.set_weight(w, vel)
     model.topology_changed()
-    return removed
+    return [int(neurons.size) for neurons in selections]
+
+
+def neurons_without_inputs(model: SparseMLP) -> list[int]:
+    """Per hidden layer, the neurons with no incoming connection (emptied by importance
+    pruning in "empty" mode and not regrown since, or never connected)."""
+    return [int(layer.shape[1] - np.count_nonzero(np.bincount(layer.weight.indices, minlength=layer.shape[1])))
+            for layer in model.layers[:-1]]
+
+
+def describe_pruning(model: SparseMLP, mode: str, counts: list[int], before: tuple[list[int], int]) -> str:
+    """One log line for a :func:`prune_neurons` call in ``mode`` that returned ``counts``,
+    ``before`` being (widths, nnz) of ``model`` before it."""
+    widths, nnz = before
+    if mode == "remove":
+        return f"removed {counts} neurons; widths {widths} -> {list(model.widths)}; nnz {nnz:,} -> {model.nnz:,}"
+    return (f"emptied the incoming connections of {counts} neurons; neurons without inputs now "
+            f"{neurons_without_inputs(model)} of {list(model.widths[1:-1])}; nnz {nnz:,} -> {model.nnz:,}")

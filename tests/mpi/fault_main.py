@@ -7,12 +7,16 @@ MODE: raise | kill            rank 1 raises / is SIGKILLed at its 5th training s
                               (shards written, manifest not yet)
       term-at-exit            every rank asks itself to stop (SIGUSR1) at its 5th step, and
                               gets a second signal (SIGTERM) right before its requeue exit
+      eio-on-load             reading any checkpoint shard fails with EIO (as a failing disk or
+                              a stale NFS handle would), on every rank
 """
 
+import errno
 import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from mpi4py import MPI
 
@@ -72,6 +76,15 @@ elif mode == "term-at-exit":
         return original_exit(*args, **kwargs)
 
     setattr(where, name, term_first)
+elif mode == "eio-on-load":
+    original_hash = ckfmt.sha256_file
+
+    def failing_hash(path):
+        if Path(path).name.startswith("shard-"):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return original_hash(path)
+
+    ckfmt.sha256_file = failing_hash
 else:
     raise SystemExit(f"unknown mode {mode}")
 

@@ -88,6 +88,7 @@ def test_retention_and_latest_under_mpi(comm, run_dir):
     state = make_state(2)
     for step in (1, 2, 3):
         save_checkpoint(comm, run_dir, step, state, {"epoch": step}, keep=2)
+    comm.Barrier()  # rank 0 applies retention after it has released the other ranks
     names = sorted(p.name for p in checkpoint_dir(run_dir).iterdir())
     latest, skipped = find_latest_valid(run_dir)
     results = comm.allgather((names, latest.name, skipped))
@@ -108,3 +109,29 @@ def test_failure_on_last_rank_aborts_on_all(comm, run_dir):
     for err, files in results:
         assert err is not None and f"failed on rank {comm.size - 1}" in err and "fix:" in err
         assert files == []
+
+
+def test_a_run_dir_that_is_another_folder_on_some_ranks_fails_the_save_by_name(comm, run_dir):
+    """Issue 19: a run dir that is not shared by the nodes (simulated: ranks > 0 see another
+    folder under the same checkpoint layout, as a node-local disk would give them). The save
+    fails on every rank with the cause named, and the checkpoint committed before is kept."""
+    first = save_checkpoint(comm, run_dir / "view-0", 4, make_state(2), {"epoch": 0})
+    committed = sorted((p.name, p.read_bytes()) for p in first.iterdir())
+    view = run_dir / f"view-{min(comm.rank, 1)}"  # rank 0 sees view-0, every other rank view-1
+    if comm.rank == 0 and comm.size > 1:
+        checkpoint_dir(view.with_name("view-1")).mkdir(parents=True)
+    comm.Barrier()
+    error = None
+    try:
+        save_checkpoint(comm, view, 8, make_state(2), {"epoch": 1})
+    except CheckpointError as exc:
+        error = str(exc)
+    results = comm.allgather(error)
+    left = sorted(p.name for p in checkpoint_dir(run_dir / "view-0").iterdir())
+    assert sorted((p.name, p.read_bytes()) for p in first.iterdir()) == committed
+    if comm.size == 1:  # one rank sees one folder: the save works
+        assert results == [None] and left == [first.name, "step-000000008"]
+        return
+    assert left == [first.name]  # nothing new committed, no temporary folder left behind
+    for err in results:
+        assert err is not None and "does not see" in err and "shared by all ranks" in err, err

@@ -97,3 +97,107 @@ def test_a_rank_that_loaded_another_model_stops_every_rank(comm, run_dir, monkey
     monkeypatch.undo()
     errors = comm.allgather(error)
     assert all(e is not None and "differ" in e and "fix:" in e for e in errors), errors
+
+
+# ---------------------------------------------------------------- issue 18
+
+
+def test_an_io_error_on_one_rank_stops_every_rank_and_sets_nothing_aside(comm, run_dir, monkeypatch):
+    """Defect 2: an EIO while hashing the newest checkpoint (on the last rank) is not a verdict
+    on it: every rank raises the same environment error naming the file and errno, and
+    neither checkpoint is set aside nor older one resumed."""
+    import errno
+
+    from hpc_sparse.checkpoint import CheckpointError
+
+    older, newest = two_checkpoints(comm, run_dir)
+    real = ckfmt.sha256_file
+
+    def failing(path):
+        if Path(path).parent == newest:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path)
+
+    monkeypatch.setattr(ckfmt, "sha256_file", failing)  # on every rank: whoever hashes a shard of it fails
+    error = None
+    try:
+        Trainer(config("train.max_steps=20"), comm, run_dir, quiet=True).run("auto")
+    except UserError as exc:
+        error = exc
+    monkeypatch.undo()
+    comm.Barrier()
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    errors = comm.allgather(None if error is None else (type(error).__name__, str(error)))
+    assert all(e is not None and e[0] != CheckpointError.__name__ and "EIO" in e[1] and newest.name in e[1]
+               for e in errors), errors
+    assert names == [older.name, newest.name]
+
+
+def test_no_rank_parses_a_checkpoint_before_every_hash_passed(comm, run_dir, monkeypatch):
+    """Defect 4: shard k is hashed by rank k % P only; the verdicts are exchanged before any
+    rank hands a shard to HDF5, so a damaged shard (its size kept) reaches no parser."""
+    import h5py
+
+    from hpc_sparse.checkpoint import CheckpointError, load_agreed
+
+    _, newest = two_checkpoints(comm, run_dir)
+    damaged = sorted(newest.glob("shard-*.h5"))[-1]
+    comm.Barrier()
+    if comm.rank == 0:
+        raw = bytearray(damaged.read_bytes())
+        for i in range(64, 96):
+            raw[i] ^= 0x5A
+        damaged.write_bytes(bytes(raw))
+    comm.Barrier()
+    opened = []
+    real = h5py.File
+    monkeypatch.setattr(h5py, "File", lambda name, *a, **k: opened.append(Path(name).name) or real(name, *a, **k))
+    error = None
+    try:
+        load_agreed(comm, newest)
+    except CheckpointError as exc:
+        error = str(exc)
+    monkeypatch.undo()
+    results = comm.allgather((error, damaged.name in opened))
+    assert all(e is not None and "SHA-256" in e and not parsed for e, parsed in results), results
+
+
+def test_a_locked_run_dir_is_refused_on_every_rank(comm, run_dir):
+    """Defect 1: rank 0 takes the lock; every rank learns the verdict through one collective
+    and raises the same one-line error naming the holder, before touching anything."""
+    from hpc_sparse.runtime.run_lock import acquire
+
+    held = None
+    if comm.rank == 0:
+        held, _ = acquire(run_dir)  # this process holds the run dir, as another live job would
+    error = None
+    try:
+        Trainer(config(), comm, run_dir, quiet=True).run("auto")
+    except UserError as exc:
+        error = str(exc)
+    if held is not None:
+        held.release()
+    errors = comm.allgather(error)
+    comm.Barrier()
+    assert all(e is not None and "is in use by" in e and "pid" in e for e in errors), errors
+    assert len(set(errors)) == 1 and not (run_dir / "checkpoints").exists()
+
+
+def test_evaluate_and_info_load_rank_0s_choice_hashing_each_shard_once(comm, run_dir, monkeypatch):
+    """Defect 13: evaluate, info and convert load through the rank-agreed loader: rank 0
+    chooses (a rank that lists the folder differently, e.g. while a save commits, follows
+    it) and each shard is hashed once per job, not by every rank."""
+    from hpc_sparse.checkpoint import agreed
+    from hpc_sparse.run_commands import load_run
+
+    older, newest = two_checkpoints(comm, run_dir)
+    real_hash, calls = ckfmt.sha256_file, []
+    monkeypatch.setattr(ckfmt, "sha256_file", lambda path: calls.append(Path(path).name) or real_hash(path))
+    if comm.rank == comm.size - 1 and comm.rank != 0:  # this rank would list only the older one
+        monkeypatch.setattr(agreed, "committed_checkpoints", lambda d: [(12, older)])
+    _, model, manifest, path = load_run(comm, run_dir, None)
+    monkeypatch.undo()
+    everyone = sum(comm.allgather(calls), [])
+    chosen = comm.allgather((path.name, model.sha256()))
+    assert sorted(everyone) == sorted(p.name for p in newest.glob("shard-*.h5"))
+    assert len(set(chosen)) == 1 and chosen[0][0] == newest.name

@@ -63,18 +63,37 @@ def test_replicas_identical_after_evolution_and_pruning(comm, run_dir, growth):
     assert t.model.widths[1] < 40  # pruning happened (identically everywhere)
 
 
-@pytest.mark.parametrize("structure,growth", [("nm", "random"), ("nm_transposable", "random"),
-                                              ("nm_transposable", "gradient")])
-def test_replicas_identical_under_nm_structure(comm, run_dir, structure, growth):
-    """N:M training: SET/RigL growth and importance-pruning repair decide the same topology on
-    every rank, and it satisfies the constraint (on W and, transposable, on W^T)."""
+@pytest.mark.parametrize("growth", ["random", "gradient"])
+def test_replicas_identical_with_the_papers_emptying(comm, run_dir, growth):
+    """importance.mode='empty': every rank empties the same columns and regrows the same
+    connections; the widths stay, the nnz falls by what was emptied (SET and RigL regrow only
+    what they pruned)."""
+    t = train(comm, run_dir / growth, [f"topology.growth=\"{growth}\"", "importance.enabled=true",
+                                          "importance.mode=\"empty\"", "importance.start_epoch=0",
+                                          "importance.every=1", "importance.percentile=20",
+                                          "model.dropout=0.3", "parallel.sync_every=3"])
+    hashes = gathered(comm, t.model.sha256())
+    vel = gathered(comm, hashlib.sha256(b"".join(a.tobytes() for a in t.model.parameter_arrays())).hexdigest())
+    assert len(set(hashes)) == 1 and len(set(vel)) == 1
+    nnz = [h["nnz"] for h in t.history]
+    assert t.model.widths == (60, 40, 30, 4) and all(h["neurons"] == 70 for h in t.history)
+    assert nnz[0] > nnz[1] == nnz[2]  # emptied after epoch 2 (0-based 1), nothing after the last
+
+
+@pytest.mark.parametrize("structure,growth,mode", [("nm", "random", "remove"), ("nm_transposable", "random", "remove"),
+                                                   ("nm_transposable", "gradient", "remove"),
+                                                   ("nm_transposable", "gradient", "empty")])
+def test_replicas_identical_under_nm_structure(comm, run_dir, structure, growth, mode):
+    """N:M training: SET/RigL growth and importance pruning (its repair after removing
+    neurons; emptying needs none) decide the same topology on every rank, and it satisfies the
+    constraint (on W and, transposable, on W^T)."""
     from hpc_sparse.model_builder import layer_structure
     from hpc_sparse.topology.structure import count_violations
 
-    t = train(comm, run_dir / f"{structure}-{growth}", [
+    t = train(comm, run_dir / f"{structure}-{growth}-{mode}", [
         f"topology.structure=\"{structure}\"", f"topology.growth=\"{growth}\"", "topology.nm_n=1",
         "topology.nm_m=4", "model.epsilon=3", "importance.enabled=true", "importance.start_epoch=0",
-        "importance.every=1", "parallel.sync_every=3"])
+        "importance.every=1", f"importance.mode=\"{mode}\"", "parallel.sync_every=3"])
     hashes = gathered(comm, t.model.sha256())
     assert len(set(hashes)) == 1
     s = layer_structure(t.cfg)
@@ -82,7 +101,29 @@ def test_replicas_identical_under_nm_structure(comm, run_dir, structure, growth)
         w = layer.weight
         cols, rows = count_violations(w.indptr, w.indices, w.shape, s)
         assert cols == 0 and (rows == 0 or not s.transposable)
-    assert t.model.widths[1] < 40
+    assert t.model.widths[1] < 40 if mode == "remove" else t.history[1]["nnz"] < t.history[0]["nnz"]
+
+
+@pytest.mark.parametrize("mode", ["remove", "empty"])
+def test_resume_after_pruning_is_bit_exact(comm, run_dir, mode):
+    """Stopped mid-epoch (train.max_steps, a checkpoint at the stop) after an importance
+    pruning, then resumed: the same model as the uninterrupted run, on every rank. The stop is
+    at a regular sync point (max_steps adds a sync point of its own, which at P > 1 would
+    change the run)."""
+    over = ["importance.enabled=true", "importance.start_epoch=0", "importance.every=1",
+            f"importance.mode=\"{mode}\"", "train.epochs=4", "checkpoint.at_end=true", "parallel.sync_every=4"]
+    whole = train(comm, run_dir / "whole", over)
+    steps_per_epoch = whole.progress.step // 4
+    stop = 4 * ((2 * steps_per_epoch) // 4 + 1)  # in epoch 3, after the pruning that followed epoch 2
+    assert stop < 3 * steps_per_epoch
+    cfg = load_config(None, BASE + over + [f"train.max_steps={stop}"])
+    assert Trainer(cfg, comm, run_dir / "parts", quiet=True).run() == 0
+    resumed = Trainer(load_config(None, BASE + over), comm, run_dir / "parts", quiet=True)
+    assert resumed.run("auto") == 0
+    assert resumed.resumed is not None and resumed.resumed.step == stop
+    assert resumed.history[1]["nnz"] < resumed.history[0]["nnz"]  # the checkpoint holds a pruned model
+    got, want = gathered(comm, resumed.model.sha256()), gathered(comm, whole.model.sha256())
+    assert len(set(got)) == 1 and got == want
 
 
 def test_ranks_match_one_process_with_the_union_batch(comm, run_dir):
@@ -136,3 +177,55 @@ def test_agreement_check_detects_divergence(comm):
         assert err is not None and "layers/0/W.indices" in err
     else:
         assert err is None
+
+
+class StopAtStep:
+    """A stop flag that reads as requested from a chosen step on (on the ranks in ``ranks``),
+    as if SIGUSR1 had arrived then; its handlers are real (install/restore)."""
+
+    def __init__(self, trainer_ref: list, step: int, ranks: set[int]):
+        from hpc_sparse.runtime.signals import StopFlag
+
+        self.flag, self.ref, self.step, self.ranks = StopFlag(), trainer_ref, step, ranks
+
+    def __getattr__(self, name):
+        return getattr(self.flag, name)
+
+    @property
+    def requested(self) -> bool:
+        t = self.ref[0]
+        return t.rank in self.ranks and t.progress.step >= self.step
+
+
+@pytest.mark.parametrize("limit", ["epochs", "max_steps"])
+def test_a_stop_as_training_completes_finishes_instead_of_requeueing(comm, run_dir, limit):
+    """Issue 18, defect 7: a stop signal seen at the last sync point of the last epoch (or at
+    train.max_steps) used to exit 75 (a needless requeue; after scancel no summary.json).
+    The run is complete: it finishes with status 0 and writes summary.json."""
+    spe = steps_per_epoch(600, comm.size, 20)
+    last = spe + 3 if limit == "max_steps" else 3 * spe  # max_steps: in the middle of epoch 2
+    cfg = load_config(None, BASE + ([f"train.max_steps={last}"] if limit == "max_steps" else []))
+    ref: list = []
+    t = Trainer(cfg, comm, run_dir, quiet=True, stop=StopAtStep(ref, last, {comm.size - 1}))
+    ref.append(t)
+    status = t.run()
+    statuses = comm.allgather(status)
+    comm.Barrier()
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    assert statuses == [0] * comm.size
+    assert summary.get("steps") == last
+
+
+def test_a_stop_in_the_last_epoch_with_steps_left_still_requeues(comm, run_dir):
+    """Only a complete run finishes: with steps of the last epoch left, a stop saves and exits 75."""
+    from hpc_sparse.runtime.signals import EXIT_REQUEUE
+
+    cfg = load_config(None, BASE + ["parallel.sync_every=1"])
+    spe = steps_per_epoch(600, comm.size, 20)
+    ref: list = []
+    t = Trainer(cfg, comm, run_dir, quiet=True, stop=StopAtStep(ref, 2 * spe + 2, {0}))
+    ref.append(t)
+    status = t.run()
+    t.stop.restore()
+    assert comm.allgather(status) == [EXIT_REQUEUE] * comm.size
+    assert not (run_dir / "summary.json").exists()

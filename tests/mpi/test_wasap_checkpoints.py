@@ -139,15 +139,51 @@ def test_every_steps_checkpoints_both_phases_and_each_resumes(comm, run_dir, ref
             assert acc > 0.6 and abs(acc - reference[1]) < BAND
 
 
-def test_rigl_with_importance_pruning_in_both_phases(comm, run_dir):
-    """topology.growth='gradient' with importance pruning: the RigL scores are recomputed at
-    the new widths after pruning (on the server in phase 1, on every rank in phase 2)."""
+@pytest.mark.parametrize("mode", ["remove", "empty"])
+def test_rigl_with_importance_pruning_in_both_phases(comm, run_dir, mode):
+    """topology.growth='gradient' with importance pruning: the RigL scores are recomputed on
+    the pruned model (on the server in phase 1, on every rank in phase 2)."""
     cfg = config("train.epochs=5", 'topology.growth="gradient"', "importance.enabled=true",
-                 "importance.start_epoch=0", "importance.every=1", "importance.percentile=20")
+                 "importance.start_epoch=0", "importance.every=1", "importance.percentile=20",
+                 f'importance.mode="{mode}"')
     status, tr = train(comm, run_dir, cfg)
     got = comm.allgather((tr.model.sha256(), tr.model.widths))
     assert status == 0 and len(set(got)) == 1
-    assert tr.model.widths[1] < 40 and tr.history[-1]["test_accuracy"] > 0.5
+    pruned = tr.model.widths[1] < 40 if mode == "remove" else tr.model.nnz < tr.history[0]["nnz"]
+    assert pruned and tr.history[-1]["test_accuracy"] > 0.5
+
+
+def test_the_papers_emptying_resumes_from_each_phase(comm, run_dir):
+    """importance.mode='empty' with checkpoints in both phases: a resume from the last
+    checkpoint of each phase (after the server's pruning; in the local phase with P > 1 with
+    the deferred pruning counted) ends as the uninterrupted run: bit for bit on one rank, in
+    the same accuracy band on more, with the widths kept and the emptied connections gone."""
+    cfg = config("train.epochs=5", "checkpoint.every_steps=25", "importance.enabled=true", "importance.start_epoch=0",
+                 "importance.every=1", "importance.percentile=20", 'importance.mode="empty"')
+    _, full = train(comm, run_dir / "full", cfg)
+    saved = manifests(run_dir / "full")
+    results = []
+    for phase in ("async", "local"):
+        pick = [m for m in saved if m["meta"]["schedule_state"]["phase"] == phase][-1]
+        d = run_dir / phase
+        if comm.rank == 0:
+            import shutil
+
+            shutil.copytree(run_dir / "full" / "checkpoints", d / "checkpoints")
+        comm.Barrier()
+        status, tr = train(comm, d, cfg, str(d / "checkpoints" / f"step-{pick['step']:09d}"))
+        results.append((pick, status, comm.allgather(tr.model.sha256()), tr))
+    want = full.model.sha256()
+    nnz0 = full.history[0]["nnz"]
+    for pick, status, shas, tr in results:
+        assert status == 0 and len(set(shas)) == 1 and tr.model.widths == (50, 40, 30, 3)
+        assert tr.model.nnz < nnz0 and pick["meta"]["history"][-1]["nnz"] < nnz0  # resumed after a pruning
+        if comm.size == 1:
+            assert shas[0] == want
+        else:
+            assert abs(tr.history[-1]["test_accuracy"] - full.history[-1]["test_accuracy"]) < BAND
+    if comm.size > 1:
+        assert results[1][0]["meta"]["schedule_state"]["local"]["deferred"] >= 1
 
 
 def test_every_seconds_checkpoints_both_phases(comm, run_dir, monkeypatch):

@@ -11,8 +11,10 @@ the local models' mean accuracy, at the cost of one test-set pass as in sync mod
 **Merge** (after the last epoch): every rank sends W and b to rank 0, which averages over
 the union of the sparsity patterns (absent entries count as 0), averages the biases,
 re-prunes each layer back to its phase-1 nnz with the SET magnitude rule, applies the
-importance prunings scheduled in this phase (with P > 1 the ranks' widths would differ,
-so they are deferred to the merged model), drops the momentum and broadcasts the result.
+importance prunings scheduled in this phase, drops the momentum and broadcasts the result.
+With P > 1 those prunings are deferred to the merged model: with ``importance.mode =
+"remove"`` the ranks' widths would differ, and with "empty" the union average would refill
+a rank's emptied columns from the other ranks' models.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from hpc_sparse.schedules.wasap.codec import install, model_shapes, pack_floats,
 from hpc_sparse.schedules.wasap.snapshot import WasapRun, save_local
 from hpc_sparse.sparse import dropout_key
 from hpc_sparse.topology import prune_neurons
+from hpc_sparse.topology.importance import describe_pruning
 from hpc_sparse.topology.pattern import reprune_to_nnz, union_average
 from hpc_sparse.topology.schedule import prune_neurons_after_epoch
 
@@ -168,10 +171,11 @@ def merge(e: Engine, targets: list[int], deferred_prunes: int) -> float:
             layer.set_weight(sp.csr_matrix((data, indices, indptr), shape=recs[0]["shape"]), None)
         model.topology_changed()
         for _ in range(deferred_prunes):
-            before = list(model.widths)
-            pruned = prune_neurons(model, cfg.importance.percentile, cfg.importance.min_neurons)
-            e.log.info(f"importance pruning (scheduled in the local phase) on the merged model: removed {pruned} "
-                       f"neurons; widths {before} -> {list(model.widths)}")
+            before = (list(model.widths), model.nnz)
+            pruned = prune_neurons(model, cfg.importance.percentile, cfg.importance.min_neurons,
+                                   mode=cfg.importance.mode)
+            e.log.info("importance pruning (scheduled in the local phase) on the merged model: "
+                       + describe_pruning(model, cfg.importance.mode, pruned, before))
         h = wp.Header(wp.MERGE, version=0, shapes=model_shapes(model))
         out = wp.bcast_from_root(e.comm, len(model.layers), h, pack_floats(model, False), pack_indices(model))
     else:
