@@ -164,7 +164,7 @@ class SparseMLP:
                        if p > 0 else np.uint64(0))
                 buf.keys.append(key)
                 block_rows = int(np.diff(bounds[::threads]).max())
-                acc = buf.scratch("forward", block_rows, plan.chunk)
+                acc = buf.scratch("acc", block_rows, plan.chunk)
                 kf.forward_act(seg, bounds, plan.forward_blocks, w.indices, w.data, a_prev, layer.bias, plan.chunk, acc,
                                f.kind, np.float32(f.slope), threshold, scale, key, buf.a[l], buf.zinfo[l])
                 a_prev = buf.a[l]
@@ -197,7 +197,7 @@ class SparseMLP:
                 f = self.activations[l - 1]
                 out = buf.delta[l - 1]
                 # the sums over column blocks are accumulated in float32: in out itself, or in scratch
-                acc = out if out.dtype == np.float32 else buf.scratch("backward", out.shape[0], plan.chunk)
+                acc = out if out.dtype == np.float32 else buf.scratch("acc", out.shape[0], plan.chunk)
                 act_args = (buf.zinfo[l - 1], f.kind, np.float32(f.slope), scale,
                             buf.keys[l - 1] if use_dropout else np.uint64(0), threshold)
             if sgd is not None:
