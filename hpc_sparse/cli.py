@@ -22,9 +22,7 @@ import sys
 from pathlib import Path
 
 from hpc_sparse import __version__
-from hpc_sparse.errors import UserError
-
-EXIT_USER_ERROR = 2
+from hpc_sparse.errors import EXIT_USER_ERROR, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,15 +139,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, comm, stop) -> int:  # noqa: ANN001
-    from hpc_sparse.config import load_config
+    from hpc_sparse.config import Config, load_config
     from hpc_sparse.engine import Engine
     from hpc_sparse.engine.failure import agreed
     from hpc_sparse.schedules import schedule_for
 
-    if args.fresh_if_none_valid and args.resume != "auto":
-        raise UserError("--fresh-if-none-valid only applies to --resume auto; fix: add --resume auto or drop it",
-                        every_rank=True)
-    cfg = agreed(comm, lambda: load_config(args.config, args.overrides))  # a bad config exits 2 on every rank
+    def config() -> Config:
+        if args.fresh_if_none_valid and args.resume != "auto":
+            raise UserError("--fresh-if-none-valid only applies to --resume auto; fix: add --resume auto or drop it")
+        return load_config(args.config, args.overrides)
+
+    cfg = agreed(comm, config)  # a bad config exits 2 on every rank
     engine = Engine(cfg, comm, Path(args.run_dir), quiet=args.quiet, stop=stop)
     return engine.run_schedule(schedule_for(cfg.parallel.mode), args.resume,
                                fresh_if_none_valid=args.fresh_if_none_valid, break_lock=args.break_lock)
@@ -172,8 +172,9 @@ def _evaluate(args: argparse.Namespace, comm) -> int:  # noqa: ANN001
 
 def _convert(args: argparse.Namespace, comm) -> int:  # noqa: ANN001
     from hpc_sparse.convert import ConvertRequest, parse_nm, run_convert
+    from hpc_sparse.engine.failure import agreed
 
-    n, m = parse_nm(args.nm)
+    n, m = agreed(comm, lambda: parse_nm(args.nm))
     req = ConvertRequest(Path(args.run_dir), Path(args.out), args.structure, n, m, args.method, args.checkpoint,
                          args.finetune_epochs)
     run_convert(comm, req, quiet=args.quiet)

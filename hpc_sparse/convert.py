@@ -19,7 +19,6 @@ the usual collective one, and evaluation splits the test set over the ranks.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,11 @@ from typing import Any
 from hpc_sparse.checkpoint import choose_and_load, save_checkpoint
 from hpc_sparse.config import Config, config_from_dict, largest_nm_epsilon
 from hpc_sparse.convert_report import format_table, write_config_toml
-from hpc_sparse.engine import Engine, configure_threads, evaluate, load_data
-from hpc_sparse.engine.resume import check_meta
+from hpc_sparse.engine import Engine, Progress, configure_threads, evaluate, load_data
+from hpc_sparse.engine.failure import agreed
+from hpc_sparse.engine.resume import check_meta, checkpoint_model
 from hpc_sparse.errors import UserError
 from hpc_sparse.log import RunLog
-from hpc_sparse.model_builder import model_from_state
 from hpc_sparse.runtime.host import host_info
 from hpc_sparse.sparse import SparseMLP
 from hpc_sparse.topology.structure import NMStructure, violations
@@ -69,31 +68,30 @@ def parse_nm(text: str) -> tuple[int, int]:
         n_text, m_text = text.split(":")
         n, m = int(n_text), int(m_text)
     except ValueError:
-        raise UserError(f"--nm {text!r} is not of the form N:M; fix: e.g. --nm 2:4", every_rank=True) from None
+        raise UserError(f"--nm {text!r} is not of the form N:M; fix: e.g. --nm 2:4") from None
     if not 1 <= n < m:
-        raise UserError(f"--nm {text} needs 1 <= N < M; fix: e.g. --nm 2:4", every_rank=True)
+        raise UserError(f"--nm {text} needs 1 <= N < M; fix: e.g. --nm 2:4")
     return n, m
 
 
 def check_request(req: ConvertRequest) -> None:
-    """Refuse bad options, a missing source and an existing output before anything is read."""
+    """Refuse bad options, a missing source and an existing output before anything is read
+    (a UserError naming the fix)."""
     if req.structure not in STRUCTURES:
-        raise UserError(f"--structure {req.structure!r} is not one of {', '.join(STRUCTURES)}; fix: pick one",
-                        every_rank=True)
+        raise UserError(f"--structure {req.structure!r} is not one of {', '.join(STRUCTURES)}; fix: pick one")
     if req.method not in METHODS:
-        raise UserError(f"--method {req.method!r} is not one of {', '.join(METHODS)}; fix: pick one", every_rank=True)
+        raise UserError(f"--method {req.method!r} is not one of {', '.join(METHODS)}; fix: pick one")
     if req.finetune_epochs < 0:
-        raise UserError(f"--finetune-epochs {req.finetune_epochs} is negative; fix: pass 0 or more", every_rank=True)
+        raise UserError(f"--finetune-epochs {req.finetune_epochs} is negative; fix: pass 0 or more")
     if not req.run_dir.is_dir():
-        raise UserError(f"run dir '{req.run_dir}' does not exist; fix: pass the --run-dir of a training run",
-                        every_rank=True)
+        raise UserError(f"run dir '{req.run_dir}' does not exist; fix: pass the --run-dir of a training run")
     src, out = req.run_dir.resolve(), req.out.resolve()
     if out == src or src in out.parents:
         raise UserError(f"--out '{req.out}' is the source run dir or inside it, and convert never writes into the "
-                        "source; fix: pass a new folder outside it", every_rank=True)
+                        "source; fix: pass a new folder outside it")
     if req.out.exists() or req.out.is_symlink():
         raise UserError(f"--out '{req.out}' already exists and convert never overwrites a run; fix: pass a new "
-                        "folder or remove that one", every_rank=True)
+                        "folder or remove that one")
 
 
 def _checkpoint_path(comm: Any, req: ConvertRequest) -> str:
@@ -116,23 +114,26 @@ def _checkpoint_path(comm: Any, req: ConvertRequest) -> str:
 
 def _load_source(comm: Any, req: ConvertRequest) -> tuple[Config, SparseMLP, dict[str, Any], Path]:
     """The source checkpoint's config, replica model and manifest (chosen by rank 0, verified
-    collectively as a resume's)."""
+    collectively as a resume's; its user errors agreed by every rank)."""
     loaded = choose_and_load(comm, req.run_dir, _checkpoint_path(comm, req), check=check_meta)
     if loaded.path is None:
         raise UserError(f"no valid checkpoint in '{req.run_dir}'; fix: train with checkpoint.at_end=true "
                         "(the default) or pass --checkpoint", every_rank=True)
     path, state, manifest = loaded.path, loaded.state, loaded.manifest
-    meta = manifest["meta"]
-    if not state:
-        raise UserError(f"checkpoint {path} holds one model per rank (WASAP-SGD's local phase), not one replica; "
-                        "fix: convert the checkpoint written at the end of training", every_rank=True)
-    cfg = config_from_dict(meta["config"])
-    progress = meta["progress"]
-    complete = progress["epoch"] >= cfg.train.epochs and progress["step_in_epoch"] == 0
-    if meta.get("schedule", "sync") != "sync" and not complete:
-        raise UserError(f"checkpoint {path} was written mid-run by parallel.mode={meta['schedule']!r}; fix: convert "
-                        "the checkpoint written at the end of training", every_rank=True)
-    return cfg, model_from_state(cfg, state, str(path)), manifest, path
+
+    def check() -> tuple[Config, SparseMLP]:
+        meta = manifest["meta"]
+        if not state:
+            raise UserError(f"checkpoint {path} holds one model per rank (WASAP-SGD's local phase), not one replica; "
+                            "fix: convert the checkpoint written at the end of training")
+        cfg = config_from_dict(meta["config"])
+        if meta.get("schedule", "sync") != "sync" and not Progress(**meta["progress"]).complete(cfg.train.epochs):
+            raise UserError(f"checkpoint {path} was written mid-run by parallel.mode={meta['schedule']!r}; fix: "
+                            "convert the checkpoint written at the end of training")
+        return cfg, checkpoint_model(cfg, state, None, str(path))
+
+    cfg, model = agreed(comm, check)
+    return cfg, model, manifest, path
 
 
 def converted_config(cfg: Config, req: ConvertRequest) -> Config:
@@ -147,7 +148,7 @@ def converted_config(cfg: Config, req: ConvertRequest) -> Config:
     try:
         return config_from_dict(raw)
     except UserError as exc:
-        raise UserError(f"the converted run's config is refused: {exc}", every_rank=True) from exc
+        raise UserError(f"the converted run's config is refused: {exc}") from exc
 
 
 def convert_layers(model: SparseMLP, req: ConvertRequest) -> list[dict[str, Any]]:
@@ -196,11 +197,11 @@ def _meta(cfg2: Config, meta: dict[str, Any], model: SparseMLP, conversion: dict
 def run_convert(comm: Any, req: ConvertRequest, quiet: bool = False) -> dict[str, Any]:
     """Convert, save ``req.out``, evaluate before/after, optionally fine-tune; return the
     report (also written to ``req.out/conversion.json``). Collective over ``comm``."""
-    check_request(req)
+    agreed(comm, lambda: check_request(req))
     rank = comm.Get_rank()
     log = RunLog(req.out, rank, quiet)
     cfg, model, manifest, src_path = _load_source(comm, req)
-    cfg2 = converted_config(cfg, req)
+    cfg2 = agreed(comm, lambda: converted_config(cfg, req))
     configure_threads(cfg, comm)
     data = load_data(cfg, comm)
     before_loss, before_acc = evaluate(model, data, comm, cfg.train.eval_batch_size)
@@ -228,8 +229,10 @@ def run_convert(comm: Any, req: ConvertRequest, quiet: bool = False) -> dict[str
               "phase": f"converted to {req.structure} {req.n}:{req.m} ({method})", "test_loss": after_loss,
               "test_accuracy": after_acc, "nnz": model.nnz, "neurons": model.hidden_neurons,
               "widths": list(model.widths), "ranks": comm.Get_size()}
-    path = save_checkpoint(comm, req.out, step, model.state_dict(), _meta(cfg2, meta, model, conversion, record),
-                           keep=cfg2.checkpoint.keep)
+    # rank 0's report (its timings, date and host) is the one every rank saves and writes
+    conversion = comm.bcast(conversion if rank == 0 else None, root=0)
+    new_meta = comm.bcast(_meta(cfg2, meta, model, conversion, record) if rank == 0 else None, root=0)
+    path = save_checkpoint(comm, req.out, step, model.state_dict(), new_meta, keep=cfg2.checkpoint.keep)
     log.info(f"checkpoint {path} written")
     if rank == 0:
         (req.out / "config.json").write_text(cfg2.to_json() + "\n")

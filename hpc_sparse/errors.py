@@ -1,4 +1,9 @@
-"""The one exception type users see: a problem in their input, with the fix in the message."""
+"""The one exception type users see: a problem in their input, with the fix in the message;
+and the exit status it gives."""
+
+EXIT_USER_ERROR = 2
+"""Exit status of a UserError (bad config, data or checkpoint); 75 and 1 are the others
+(``hpc_sparse.runtime.signals.EXIT_REQUEUE``, anything else)."""
 
 
 class UserError(Exception):
@@ -6,8 +11,9 @@ class UserError(Exception):
 
     The CLI prints it as a single line and exits with status 2; no traceback.
 
-    ``every_rank=True`` marks an error raised on every rank at the same point (decided from
-    data all ranks share, or after a collective agreement): no rank is left waiting, so
+    ``every_rank=True`` marks an error raised on every rank at the same point, which only an
+    agreement of the ranks may claim (:func:`hpc_sparse.engine.failure.agreed`, or a raise
+    right after a collective that told every rank the same): no rank is left waiting, so
     the training engine lets it propagate instead of aborting the MPI job, and a Python
     caller can catch it. Any other exception on one rank of several ends the whole job.
     """

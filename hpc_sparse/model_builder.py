@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
 from hpc_sparse.config import Config
 from hpc_sparse.errors import UserError
@@ -13,15 +12,14 @@ from hpc_sparse.topology.structure import check_structure, log10_mask_diversity,
 
 
 def check_data_shape(cfg: Config, n_features: int, n_classes: int) -> None:
-    """The config's input/output widths must match the data. Every rank loads the same data
-    and config, so every rank raises the same error at the same point (``every_rank``)."""
+    """The config's input/output widths must match the data (a UserError naming the fix)."""
     layers = cfg.model.layers
     if layers[0] != n_features:
         raise UserError(f"model.layers starts with {layers[0]} inputs but the {cfg.data.name} data has "
-                        f"{n_features} features; fix: --set model.layers=[{n_features},...]", every_rank=True)
+                        f"{n_features} features; fix: --set model.layers=[{n_features},...]")
     if layers[-1] < n_classes:
         raise UserError(f"model.layers ends with {layers[-1]} outputs but the {cfg.data.name} data has "
-                        f"{n_classes} classes; fix: make the last width {n_classes}", every_rank=True)
+                        f"{n_classes} classes; fix: make the last width {n_classes}")
 
 
 def layer_structure(cfg: Config) -> NMStructure | None:
@@ -43,7 +41,7 @@ def check_model_structure(cfg: Config, model: SparseMLP, source: str) -> None:
             check_structure(layer.weight, s, f"layer {l}")
         except ValueError as exc:
             raise UserError(f"{source}: {exc}; fix: use the run's own topology.structure/nm_n/nm_m, or convert "
-                            "the model first", every_rank=True) from exc
+                            "the model first") from exc
 
 
 def build_model(cfg: Config) -> SparseMLP:
@@ -58,8 +56,7 @@ def build_model(cfg: Config) -> SparseMLP:
         try:
             w = erdos_renyi(rng, n_in, n_out, cfg.model.epsilon, cfg.model.init, s)
         except ValueError as exc:
-            raise UserError(f"layer {l}: {exc}; fix: lower model.epsilon or use a larger topology.nm_n/nm_m",
-                            every_rank=True) from exc
+            raise UserError(f"layer {l}: {exc}; fix: lower model.epsilon or use a larger topology.nm_n/nm_m") from exc
         layers.append(SparseLinear(w))
     acts = hidden_activations(cfg.model.activation, cfg.model.alpha, len(widths) - 2)
     return _with_blocking(cfg, SparseMLP(layers, acts, cfg.model.dropout))
@@ -83,51 +80,17 @@ def model_from_state(cfg: Config, state: dict[str, object], source: str) -> Spar
     want = cfg.model.layers
     if n_layers != len(want) - 1:
         raise UserError(f"checkpoint {source} has {n_layers} weight layers but model.layers={want} needs "
-                        f"{len(want) - 1}; fix: use the run's original model.layers or a new --run-dir",
-                        every_rank=True)
+                        f"{len(want) - 1}; fix: use the run's original model.layers or a new --run-dir")
     widths = [state["layers/0/W"].shape[0]] + [state[f"layers/{l}/W"].shape[1] for l in range(n_layers)]  # type: ignore[attr-defined]
     bad = (widths[0] != want[0] or widths[-1] != want[-1]
            or any(h > w for h, w in zip(widths[1:-1], want[1:-1])))
     if bad:
         raise UserError(f"checkpoint {source} has layer widths {widths} but the config says model.layers={want}; "
-                        "fix: use the run's original model.layers or a new --run-dir", every_rank=True)
+                        "fix: use the run's original model.layers or a new --run-dir")
     acts = hidden_activations(cfg.model.activation, cfg.model.alpha, n_layers - 1)
     model = SparseMLP.from_state_dict(state, acts, cfg.model.dropout)
     check_model_structure(cfg, model, f"checkpoint {source}")
     return _with_blocking(cfg, model)
-
-
-def model_rank_arrays(model: SparseMLP) -> dict[str, np.ndarray]:
-    """A model as plain dense arrays (for a checkpoint's per-rank state, which holds no CSR):
-    per layer ``layers/<l>/W/data``, ``W/indices``, ``W/indptr``, ``W/shape`` (int64 (2,)),
-    ``W_velocity``, ``b``, ``b_velocity``. No copies."""
-    out: dict[str, np.ndarray] = {}
-    for l, layer in enumerate(model.layers):
-        w = layer.weight
-        out.update({f"layers/{l}/W/data": w.data, f"layers/{l}/W/indices": w.indices,
-                    f"layers/{l}/W/indptr": w.indptr, f"layers/{l}/W/shape": np.asarray(w.shape, np.int64),
-                    f"layers/{l}/W_velocity": layer.w_velocity, f"layers/{l}/b": layer.bias,
-                    f"layers/{l}/b_velocity": layer.b_velocity})
-    return out
-
-
-def model_from_rank_arrays(cfg: Config, arrays: dict[str, np.ndarray], source: str) -> SparseMLP:
-    """The inverse of :func:`model_rank_arrays`, with the checks of :func:`model_from_state`."""
-    state: dict[str, object] = {}
-    n_layers = len([k for k in arrays if k.startswith("layers/") and k.endswith("/W/data")])
-    try:
-        for l in range(n_layers):
-            shape = tuple(int(s) for s in arrays[f"layers/{l}/W/shape"])
-            w = sp.csr_matrix(shape, dtype=np.float32)
-            w.data, w.indices, w.indptr = (arrays[f"layers/{l}/W/{k}"] for k in ("data", "indices", "indptr"))
-            w.check_format(full_check=True)
-            state[f"layers/{l}/W"] = w
-            for k in ("W_velocity", "b", "b_velocity"):
-                state[f"layers/{l}/{k}"] = arrays[f"layers/{l}/{k}"]
-    except (KeyError, ValueError) as exc:
-        raise UserError(f"checkpoint {source}: this rank's model is incomplete or inconsistent ({exc}); "
-                        "fix: resume an older checkpoint", every_rank=False) from exc
-    return model_from_state(cfg, state, source)
 
 
 def describe_blocking(model: SparseMLP, batch: int) -> str:

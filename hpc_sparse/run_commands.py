@@ -26,12 +26,12 @@ SUMMARY_MAX_BYTES = 1 << 20
 def load_run(comm: Any, run_dir: Path, checkpoint: str | None) -> tuple[Any, Any, dict[str, Any], Path]:
     """``(config, model, manifest, path)`` of ``checkpoint`` or of the run's newest valid
     checkpoint, chosen by rank 0 and verified collectively; a checkpoint of per-rank models
-    (WASAP-SGD's local phase) gives rank 0's model on every rank. Collective."""
+    (WASAP-SGD's local phase) gives rank 0's model on every rank. Collective; a user error on
+    any rank is raised on every rank."""
     from hpc_sparse.checkpoint import choose_and_load
     from hpc_sparse.config import config_from_dict
-    from hpc_sparse.engine import MODEL_PREFIX
-    from hpc_sparse.engine.resume import check_meta
-    from hpc_sparse.model_builder import model_from_rank_arrays, model_from_state
+    from hpc_sparse.engine.failure import agreed
+    from hpc_sparse.engine.resume import check_meta, checkpoint_model
 
     if not checkpoint and not comm.bcast(run_dir.is_dir() if comm.Get_rank() == 0 else None, root=0):
         raise UserError(f"run dir '{run_dir}' does not exist; fix: pass the --run-dir of a training run",
@@ -41,14 +41,15 @@ def load_run(comm: Any, run_dir: Path, checkpoint: str | None) -> tuple[Any, Any
         raise UserError(f"no valid checkpoint in '{run_dir}'; fix: train with checkpoint.at_end=true "
                         "(the default) or pass --checkpoint", every_rank=True)
     path, manifest = loaded.path, loaded.manifest
-    cfg = config_from_dict(manifest["meta"]["config"])
-    if not loaded.state and loaded.rank_state:
-        if comm.Get_rank() == 0:
-            print(f"note: {path} holds one model per rank (WASAP-SGD's local phase); this is rank 0's",
-                  file=sys.stderr)
-        mine = {k[len(MODEL_PREFIX):]: v for k, v in loaded.rank_state.items() if k.startswith(MODEL_PREFIX)}
-        return cfg, model_from_rank_arrays(cfg, mine, str(path)), manifest, path
-    return cfg, model_from_state(cfg, loaded.state, str(path)), manifest, path
+    if not loaded.state and comm.Get_rank() == 0:
+        print(f"note: {path} holds one model per rank (WASAP-SGD's local phase); this is rank 0's", file=sys.stderr)
+
+    def build() -> tuple[Any, Any]:
+        cfg = config_from_dict(manifest["meta"]["config"])
+        return cfg, checkpoint_model(cfg, loaded.state, loaded.rank_state, str(path))
+
+    cfg, model = agreed(comm, build)
+    return cfg, model, manifest, path
 
 
 def _mb(n: int) -> str:

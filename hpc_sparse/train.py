@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from hpc_sparse.config import Config
-from hpc_sparse.engine import Engine, configure_threads, evaluate, load_data
+from hpc_sparse.engine import Engine, evaluate, load_data
 from hpc_sparse.schedules import schedule_for
 from hpc_sparse.sparse import SparseMLP
 
-__all__ = ["TrainedRun", "Trainer", "configure_threads", "evaluate", "load_data", "load_run"]
+__all__ = ["TrainedRun", "Trainer", "evaluate", "load_data", "load_run"]
 
 
 class Trainer(Engine):

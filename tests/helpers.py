@@ -48,3 +48,38 @@ def dropout_keep_reference(key: np.uint64, shape: tuple[int, int], p: float) -> 
     from hpc_sparse.sparse.activations import dropout_keep_mask
 
     return dropout_keep_mask(key, shape, p).astype(np.uint8)
+
+
+class StopWhen:
+    """A stop flag that reads as requested on the ranks in ``ranks`` once ``when(progress)``
+    holds for the trainer ``ref[0]``, as if SIGUSR1 had arrived then; its handlers are real
+    (install/restore)."""
+
+    def __init__(self, ref: list, ranks: set[int], when) -> None:
+        from hpc_sparse.runtime.signals import StopFlag
+
+        self.flag, self.ref, self.ranks, self.when = StopFlag(), ref, ranks, when
+
+    def __getattr__(self, name):
+        return getattr(self.flag, name)
+
+    @property
+    def requested(self) -> bool:
+        t = self.ref[0]
+        return t.rank in self.ranks and self.when(t.progress)
+
+
+def run_with_stop(comm, cfg, run_dir, ranks: set[int], when) -> tuple[list[int], dict, object]:
+    """Train ``cfg`` in ``run_dir`` with a :class:`StopWhen` flag; return every rank's status,
+    ``summary.json`` ({} if none was written) and the trainer. Collective."""
+    import json
+
+    from hpc_sparse.train import Trainer
+
+    ref: list = []
+    t = Trainer(cfg, comm, run_dir, quiet=True, stop=StopWhen(ref, ranks, when))
+    ref.append(t)
+    statuses = comm.allgather(t.run())
+    comm.Barrier()
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    return statuses, summary, t

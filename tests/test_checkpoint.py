@@ -180,8 +180,8 @@ def test_round_trip_dense_and_csr(tmp_path):
     assert_same(state, loaded)
     assert loaded["layers/2/W"].nnz == 0
     assert rank_state.keys() == {"rng/bitgen"} and rank_state["rng/bitgen"].dtype == np.uint64
-    assert manifest["schema_version"] == SCHEMA_VERSION == 2
-    assert manifest["shards"][0]["rank_state"] == {"rng/bitgen": {"shape": [4], "dtype": "<u8"}}
+    assert manifest["schema_version"] == SCHEMA_VERSION == 3
+    assert manifest["shards"][0]["rank_state"] == {"rng/bitgen": {"kind": "dense", "shape": [4], "dtype": "<u8"}}
     assert manifest["step"] == 12 and manifest["epoch"] == 12 and manifest["n_ranks"] == 1
     assert manifest["meta"]["config"] == META["config"] and manifest["meta"]["rng"]["state"] == 2**100 + 7
     assert manifest["arrays"]["layers/0/W"] == {"kind": "csr", "shape": [30, 20], "dtype": "<f4",
@@ -205,12 +205,23 @@ def test_round_trip_of_large_arrays_written_directly(tmp_path):
         "counts": rng.integers(0, 9, 400_000, dtype=np.uint8),
         "small": np.ones(3, dtype=np.float16),
     }
-    path = save(tmp_path, 2, state, rank_state={"big": np.arange(300_000, dtype=np.int64)})
-    loaded, _, rank_state = load_checkpoint(path, rank=0)
+    own = {"big": np.arange(300_000, dtype=np.int64), "model/W": make_csr(600, 1000, 300_000, seed=4),
+           "model/b": rng.standard_normal(1000).astype(np.float32)}
+    direct = []
+    real = fmt._pwrite_all
+    fmt._pwrite_all = lambda fd, data, offset: direct.append(data.nbytes) or real(fd, data, offset)
+    try:
+        path = save(tmp_path, 2, state, rank_state=own)
+    finally:
+        fmt._pwrite_all = real
+    loaded, manifest, rank_state = load_checkpoint(path, rank=0)
     assert_same(state, loaded)
-    np.testing.assert_array_equal(rank_state["big"], np.arange(300_000))
+    assert_same(own, rank_state)  # per-rank state: CSR as a CSR, large arrays by the same path
+    assert 300_000 * 8 in direct and own["model/W"].data.nbytes in direct
+    assert manifest["shards"][0]["rank_state"]["model/W"] == {
+        "kind": "csr", "shape": [600, 1000], "dtype": "<f4", "index_dtype": "<i4", "nnz": own["model/W"].nnz}
     shard = path / "shard-00000-of-00001.h5"
-    assert fmt.sha256_file(shard) == json.loads((path / "manifest.json").read_text())["shards"][0]["sha256"]
+    assert fmt.sha256_file(shard) == manifest["shards"][0]["sha256"]
 
 
 def test_round_trip_with_real_comm_self(tmp_path):
@@ -459,6 +470,20 @@ def test_failure_on_one_rank_aborts_the_save_everywhere(tmp_path, monkeypatch):
         assert isinstance(exc, CheckpointError), exc
         assert "failed on rank 1" in str(exc) and "No space left" in str(exc) and "fix:" in str(exc)
     assert sorted(p.name for p in checkpoint_dir(tmp_path).iterdir()) == ["step-000000001"]
+
+
+def test_a_rank_passing_other_meta_aborts_the_save_everywhere(tmp_path):
+    """Every rank must pass the same meta (rank 0's is written); a rank whose meta differs
+    (as WASAP-SGD's workers' once did) is a bug that nothing may commit silently."""
+    def body(c):
+        meta = {**META, "history": [] if c.rank == 2 else [{"epoch": 1}]}
+        return save_checkpoint(c, tmp_path, 1, make_state(), meta)
+
+    results = run_ranks(3, body)
+    for exc in results:
+        assert isinstance(exc, CheckpointError), exc
+        assert "failed on rank 2" in str(exc) and "differs from rank 0's in history" in str(exc)
+    assert not checkpoint_dir(tmp_path).exists() or list(checkpoint_dir(tmp_path).iterdir()) == []
 
 
 def test_bad_rank_state_on_one_rank_aborts_everywhere(tmp_path):

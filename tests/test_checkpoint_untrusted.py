@@ -194,7 +194,7 @@ def test_shape_and_dtype_are_compared_before_reading(tmp_path, monkeypatch):
 def test_rank_state_arrays_have_a_spec_in_the_manifest(tmp_path):
     path = save(tmp_path, 1, rank_state={"rng/bitgen": np.arange(4, dtype=np.uint64)})
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["shards"][0]["rank_state"] == {"rng/bitgen": {"shape": [4], "dtype": "<u8"}}
+    assert manifest["shards"][0]["rank_state"] == {"rng/bitgen": {"kind": "dense", "shape": [4], "dtype": "<u8"}}
     with h5py.File(shard_of(path), "r+") as f:  # the shard now holds more than its spec says
         del f["rank_state/rng/bitgen"]
         f.create_dataset("rank_state/rng/bitgen", data=np.arange(10 ** 6, dtype=np.uint64))
@@ -210,6 +210,21 @@ def test_rank_state_links_are_refused(tmp_path):
         f["rank_state/rng/bitgen"] = h5py.SoftLink("/hidden")
     rehash(path)
     refused(path, "rng/bitgen", "SoftLink")
+
+
+def test_a_schema_2_checkpoint_still_loads_with_its_rank_state_checked(tmp_path):
+    path = save(tmp_path, 1, rank_state={"rng/bitgen": np.arange(4, dtype=np.uint64)})
+
+    def to_schema_2(manifest):  # schema 2 described per-rank arrays without their kind
+        manifest["schema_version"] = 2
+        for shard in manifest["shards"]:
+            for spec in shard.get("rank_state", {}).values():
+                del spec["kind"]
+
+    edit_manifest(path, to_schema_2)
+    assert load_checkpoint(path, rank=0)[2]["rng/bitgen"].tolist() == [0, 1, 2, 3]
+    edit_manifest(path, lambda m: m["shards"][0]["rank_state"]["rng/bitgen"].update(shape=[5]))
+    refused(path, "rng/bitgen", "manifest says")
 
 
 def test_a_schema_1_checkpoint_still_loads_and_its_rank_state_is_checked(tmp_path):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hpc_sparse.config import load_config
-from hpc_sparse.engine.core import Engine, configured_shapes
+from hpc_sparse.engine import Engine
+from hpc_sparse.engine.topology_update import configured_shapes
 from hpc_sparse.parallel import comm as pc
 from hpc_sparse.sparse import SGD, SparseLinear
 from hpc_sparse.topology import erdos_renyi, evolve_model, prune_neurons
@@ -153,7 +154,7 @@ def test_the_engine_regrows_a_pruned_layer_at_the_configured_scale(tmp_path):
     model = tiny_mlp(widths=WIDTHS, epsilon=5, seed=4)
     for layer in model.layers:
         layer.weight.data[:] = 5.0
-    update = engine.update_topology(model, epoch=2, evolution=0, last_batch=None)
+    update = engine.update_topology(model, epoch=2)
     assert update.evolved and model.widths[2] <= 20  # pruned to half, then evolved
     new = model.layers[1].weight.data[model.layers[1].weight.data < 5]
     assert new.size > 0 and np.abs(new).max() <= math.sqrt(6 / 40)  # not sqrt(6 / 20)

@@ -72,5 +72,6 @@ def test_onchip_cache_and_probe() -> None:
     probe = bc.BandwidthProbe(n=1 << 16)
     probe.read()
     probe.triad()
-    assert probe.bound_bps() >= probe.triad_stream_bps() * 32 / 24 > 0
+    # the same quotient computed two ways differs in its last bit: allow for round-off
+    assert probe.bound_bps() >= probe.triad_stream_bps() * 32 / 24 * (1 - 1e-12) > 0
     assert np.isfinite(probe.bound_bps())

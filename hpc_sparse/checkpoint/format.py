@@ -6,7 +6,8 @@ A committed checkpoint is a folder ``RUN_DIR/checkpoints/step-<N:09d>/`` holding
   Group ``state/<key>`` holds the arrays assigned to that rank (``<key>`` may contain ``/``,
   which simply nests HDF5 groups). A dense array is one dataset; a CSR matrix is a group with
   datasets ``data`` (nnz,), ``indices`` (nnz,), ``indptr`` (n_rows + 1,) and ``shape`` (2,) int64.
-  Group ``rank_state/<key>`` holds that rank's own small per-rank arrays.
+  Group ``rank_state/<key>`` holds that rank's own arrays (its *per-rank state*, e.g. its own
+  model where every rank trains one), dense or CSR in the same layout, of any size.
 * ``manifest.json``, written last: schema version, step, meta, every shard's SHA-256 and size,
   and where every array lives. A folder without a valid manifest is never loaded.
 
@@ -16,8 +17,11 @@ code. This module knows nothing about MPI; ``manager.py`` orchestrates the colle
 two kinds of file as untrusted input), ``discovery.py`` finds (and sets aside) folders and
 ``agreed.py`` is the collective load of a resuming run.
 
-Schema 2 (this version) adds the per-rank state's shapes and dtypes to each shard's manifest
-entry; schema 1 checkpoints are still read.
+Schema 3 (this version) describes each per-rank array in its shard's manifest entry exactly as
+``arrays`` describes the shared ones (kind, shape, dtype; CSR adds nnz and index dtype) and
+writes it the same way (large arrays through the direct-write, hash-from-memory path). Schema
+2 (per-rank state of dense arrays, each with its shape and dtype) and schema 1 (per-rank state
+without a description) are still read.
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ import scipy.sparse as sp
 from hpc_sparse import __version__
 from hpc_sparse.errors import UserError
 
-SCHEMA_VERSION: int = 2
-SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)
+SCHEMA_VERSION: int = 3
+SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 MANIFEST_MAX_BYTES = 64 << 20
 """A manifest larger than this is refused unread (one epoch's metrics record is ~0.5 KB)."""
@@ -207,14 +211,17 @@ def _check_dense(key: str, arr: Any, where: str) -> np.ndarray:
     return arr
 
 
-def describe_state(state: State) -> dict[str, dict[str, Any]]:
-    """Validate ``state`` and describe every entry for the manifest.
+def describe_state(state: State, where: str = "state") -> dict[str, dict[str, Any]]:
+    """Validate ``state`` (or, ``where="rank_state"``, a rank's per-rank state) and describe
+    every entry for the manifest.
 
     Parameters
     ----------
     state : dict of str to ndarray or csr_matrix
         Numeric dense arrays of any shape, or CSR matrices (any numeric ``data`` dtype,
         int32 or int64 ``indices``/``indptr``).
+    where : str
+        Names the dict in error messages.
 
     Returns
     -------
@@ -223,35 +230,30 @@ def describe_state(state: State) -> dict[str, dict[str, Any]]:
         string such as "<f4"), ``nbytes``; CSR adds ``nnz`` and ``index_dtype``.
     """
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"state is a {type(state).__name__}; fix: pass a dict of arrays")
-    check_keys(list(state), "state")
+        raise CheckpointError(f"{where} is a {type(state).__name__}; fix: pass a dict of arrays")
+    check_keys(list(state), where)
     specs: dict[str, dict[str, Any]] = {}
     for key, x in state.items():
         if is_csr(x):
             if len(x.indptr) != x.shape[0] + 1 or len(x.indices) != len(x.data):
-                raise CheckpointError(f"state entry {key!r} is a malformed CSR matrix (indptr/indices/data "
+                raise CheckpointError(f"{where} entry {key!r} is a malformed CSR matrix (indptr/indices/data "
                                       "lengths disagree with its shape); fix: call check_format() on it")
-            _check_dense(key, x.data, "state")
+            _check_dense(key, x.data, where)
             specs[key] = {
                 "kind": "csr", "shape": [int(s) for s in x.shape], "dtype": x.data.dtype.str,
                 "index_dtype": x.indices.dtype.str, "nnz": int(x.nnz),
                 "nbytes": int(x.data.nbytes + x.indices.nbytes + x.indptr.nbytes),
             }
         else:
-            arr = _check_dense(key, x, "state")
+            arr = _check_dense(key, x, where)
             specs[key] = {"kind": "dense", "shape": list(arr.shape), "dtype": arr.dtype.str,
                           "nbytes": int(arr.nbytes)}
     return specs
 
 
-def describe_rank_state(rank_state: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    """Validate per-rank state (a dict of small numeric dense arrays) and describe it for the
-    manifest: per key ``shape`` (list of int) and ``dtype`` (e.g. "<u8")."""
-    if not isinstance(rank_state, Mapping):
-        raise CheckpointError(f"rank_state is a {type(rank_state).__name__}; fix: pass a dict of arrays or None")
-    check_keys(list(rank_state), "rank_state")
-    return {key: {"shape": list(_check_dense(key, arr, "rank_state").shape), "dtype": arr.dtype.str}
-            for key, arr in rank_state.items()}
+def manifest_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """An entry of :func:`describe_state` as the manifest stores it (without ``nbytes``)."""
+    return {k: v for k, v in spec.items() if k != "nbytes"}
 
 
 def assign_keys(nbytes: Mapping[str, int], n_ranks: int) -> list[list[str]]:
@@ -342,9 +344,27 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_shard(path: Path, state: State, keys: list[str], rank_state: Mapping[str, np.ndarray] | None,
+def _write_entries(group: h5py.Group, entries: State, keys: list[str],
+                   direct: list[tuple[int, np.ndarray]]) -> None:
+    """Write ``entries[k] for k in keys`` into ``group``: a CSR matrix as a group of four
+    datasets, a dense array as one; large arrays only get their extent reserved (``direct``)."""
+    for key in keys:
+        x = entries[key]
+        if is_csr(x):
+            g = group.create_group(key)
+            g.attrs["kind"] = "csr"
+            _create(g, "data", x.data, False, direct)
+            _create(g, "indices", x.indices, True, direct)
+            _create(g, "indptr", x.indptr, True, direct)
+            g.create_dataset("shape", data=np.asarray(x.shape, dtype=np.int64))
+        else:
+            _create(group, key, x, False, direct)
+
+
+def write_shard(path: Path, state: State, keys: list[str], rank_state: State | None,
                 attrs: Mapping[str, int]) -> tuple[str, int]:
-    """Write ``state[k] for k in keys`` and ``rank_state`` to one HDF5 shard, fsync it.
+    """Write ``state[k] for k in keys`` and this rank's ``rank_state`` to one HDF5 shard,
+    fsync it.
 
     Returns
     -------
@@ -358,22 +378,9 @@ def write_shard(path: Path, state: State, keys: list[str], rank_state: Mapping[s
     with h5py.File(path, "w") as f:
         for name, value in attrs.items():
             f.attrs[name] = value
-        root = f.create_group("state")
-        for key in keys:
-            x = state[key]
-            if is_csr(x):
-                g = root.create_group(key)
-                g.attrs["kind"] = "csr"
-                _create(g, "data", x.data, False, direct)
-                _create(g, "indices", x.indices, True, direct)
-                _create(g, "indptr", x.indptr, True, direct)
-                g.create_dataset("shape", data=np.asarray(x.shape, dtype=np.int64))
-            else:
-                _create(root, key, x, False, direct)
+        _write_entries(f.create_group("state"), state, keys, direct)
         if rank_state is not None:
-            rs = f.create_group("rank_state")
-            for key, arr in rank_state.items():
-                rs.create_dataset(key, data=arr)
+            _write_entries(f.create_group("rank_state"), rank_state, list(rank_state), direct)
     direct.sort(key=lambda item: item[0])
     size = path.stat().st_size
     ends = [off + arr.nbytes for off, arr in direct]
@@ -427,14 +434,14 @@ def library_versions() -> dict[str, str]:
 
 def build_manifest(step: int, meta: dict[str, Any], specs: Mapping[str, dict[str, Any]],
                    assignment: list[list[str]], shard_results: list[tuple[str, int, dict | None]]) -> dict[str, Any]:
-    """Assemble the manifest. ``shard_results[r]`` is ``(sha256, bytes, rank_state spec or None)``
-    of rank r's shard (the spec from :func:`describe_rank_state`)."""
+    """Assemble the manifest. ``shard_results[r]`` is ``(sha256, bytes, rank_state specs or
+    None)`` of rank r's shard (the specs from :func:`describe_state`)."""
     n_ranks = len(assignment)
     shard_of = {key: r for r, keys in enumerate(assignment) for key in keys}
-    arrays = {key: {k: v for k, v in spec.items() if k != "nbytes"} | {"shard": shard_of[key]}
-              for key, spec in specs.items()}
+    arrays = {key: manifest_spec(spec) | {"shard": shard_of[key]} for key, spec in specs.items()}
     shards = [{"file": shard_file_name(r, n_ranks), "rank": r, "sha256": sha, "bytes": nbytes,
-               "keys": assignment[r], "has_rank_state": rs is not None} | ({} if rs is None else {"rank_state": rs})
+               "keys": assignment[r], "has_rank_state": rs is not None}
+              | ({} if rs is None else {"rank_state": {k: manifest_spec(v) for k, v in rs.items()}})
               for r, (sha, nbytes, rs) in enumerate(shard_results)]
     return {
         "schema_version": SCHEMA_VERSION, "step": int(step), "epoch": meta.get("epoch"),

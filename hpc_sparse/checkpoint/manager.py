@@ -5,11 +5,14 @@ The communicator is passed in and only used through mpi4py's interface (``rank``
 ``allgather``, ``bcast``, ``Barrier``); this package never imports mpi4py, so a size-1 stand-in
 works too. Weight arrays never travel through MPI here: every rank already holds the full
 replica and writes its own part of it straight to HDF5. Only short status tuples (error text,
-checksum, size) are exchanged, with the pickle-based lowercase collectives.
+checksum, size, digests of the meta, which every rank must pass alike) are exchanged, with
+the pickle-based lowercase collectives.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -62,7 +65,7 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _commit(tmp: Path, final: Path, step: int) -> None:
+def _commit_folder(tmp: Path, final: Path, step: int) -> None:
     """Rename the finished ``tmp`` folder to ``final``. If ``final`` exists (a folder of the
     same step, e.g. one a resumed run skipped as invalid), it is set aside first, renamed
     ``<name>.invalid-<time>`` or ``<name>.replaced-<time>``, never deleted."""
@@ -142,8 +145,12 @@ def _apply_retention(ckdir: Path, new_step: int, keep: int) -> None:
 
 
 def save_checkpoint(comm: Any, run_dir: str | Path, step: int, state: Mapping[str, np.ndarray | sp.csr_matrix],
-                    meta: dict, keep: int = 2, rank_state: Mapping[str, np.ndarray] | None = None) -> Path:
+                    meta: dict, keep: int = 2, rank_state: Mapping[str, np.ndarray | sp.csr_matrix] | None = None
+                    ) -> Path:
     """Collectively save one checkpoint; return the committed ``run_dir/checkpoints/step-<N:09d>``.
+
+    Three phases, each ending with every rank knowing whether every rank succeeded
+    (:func:`_prepare`, :func:`_write_shards`, :func:`_commit`).
 
     Parameters
     ----------
@@ -161,8 +168,9 @@ def save_checkpoint(comm: Any, run_dir: str | Path, step: int, state: Mapping[st
     keep : int
         Number of newest valid checkpoints to keep (>= 1); older committed ones are deleted
         only after this one has committed.
-    rank_state : dict of str to ndarray, optional
-        Small per-rank arrays, stored in this rank's own shard.
+    rank_state : dict of str to ndarray or csr_matrix, optional
+        This rank's own arrays (e.g. its own model where every rank trains one), of any
+        size, stored in its own shard like ``state``'s and described in the manifest.
 
     Raises
     ------
@@ -173,80 +181,120 @@ def save_checkpoint(comm: Any, run_dir: str | Path, step: int, state: Mapping[st
         raise CheckpointError(f"step {step!r} is not an integer >= 0; fix: pass the global step counter")
     if not isinstance(keep, (int, np.integer)) or keep < 1:
         raise CheckpointError(f"keep={keep!r} must be an integer >= 1; fix: set keep to 2 or more")
-    step, keep = int(step), int(keep)
-    rank, size = comm.rank, comm.size
-    ckdir = checkpoint_dir(run_dir)
-    tmp, final = ckdir / fmt.tmp_dir_name(step), ckdir / fmt.step_dir_name(step)
-    where = f"checkpoint save of step {step} to {final}"
-    fix = _FIX_WRITE.format(where=ckdir)
+    save = _Save(comm, Path(run_dir), int(step))
+    specs, meta_json, rank_specs = _prepare(save, state, meta, rank_state)
+    assignment = fmt.assign_keys({k: s["nbytes"] for k, s in specs.items()}, comm.size)
+    shard_results = _write_shards(save, state, assignment[comm.rank], rank_state, rank_specs)
+    _commit(save, fmt.build_manifest(save.step, meta_json, specs, assignment, shard_results)
+            if comm.rank == 0 else None, int(keep))
+    return save.final
 
-    def cleanup() -> None:
-        _remove(tmp)
 
-    # Phase 1: validate inputs on every rank (rank_state differs per rank), rank 0 makes the tmp
-    # folder; one allgather tells everyone whether to go on.
-    error = None
+class _Save:
+    """Where one collective save writes, and how its failures are reported."""
+
+    def __init__(self, comm: Any, run_dir: Path, step: int) -> None:
+        self.comm, self.step = comm, step
+        self.ckdir = checkpoint_dir(run_dir)
+        self.tmp, self.final = self.ckdir / fmt.tmp_dir_name(step), self.ckdir / fmt.step_dir_name(step)
+        self.where = f"checkpoint save of step {step} to {self.final}"
+        self.fix = _FIX_WRITE.format(where=self.ckdir)
+
+    def cleanup(self) -> None:
+        _remove(self.tmp)
+
+
+def _digests(meta: dict[str, Any]) -> dict[str, str]:
+    """A short SHA-256 of each top-level entry of ``meta`` (JSON, sorted keys)."""
+    return {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for k, v in meta.items()}
+
+
+def _meta_differs(mine: dict[str, str] | None, first: dict[str, str] | None) -> str | None:
+    """The error of a rank whose meta is not rank 0's (entries compared by digest), else None."""
+    if mine is None or first is None or mine == first:
+        return None
+    keys = sorted(k for k in set(mine) | set(first) if mine.get(k) != first.get(k))
+    return (f"its meta differs from rank 0's in {', '.join(keys)}, and every rank must pass the same meta; fix: "
+            "report this bug (the caller builds the meta differently on different ranks)")
+
+
+def _prepare(save: _Save, state: Mapping[str, Any], meta: dict, rank_state: Mapping[str, Any] | None
+             ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, dict[str, Any]] | None]:
+    """Phase 1: validate the inputs on every rank (``rank_state`` differs per rank) and check
+    that every rank passed rank 0's meta; rank 0 makes the tmp folder. Returns the specs of
+    ``state``, the JSON of ``meta`` and the specs of ``rank_state``."""
+    error, out, digests = None, None, None
     try:
-        specs = fmt.describe_state(state)
-        meta_json = fmt.meta_to_jsonable(meta)
-        rs_spec = None if rank_state is None else fmt.describe_rank_state(rank_state)
-        if rank == 0:
-            ckdir.mkdir(parents=True, exist_ok=True)
-            _remove(tmp)  # leftovers of an interrupted attempt at this same step
-            tmp.mkdir()
+        out = (fmt.describe_state(state), fmt.meta_to_jsonable(meta),
+               None if rank_state is None else fmt.describe_state(rank_state, "rank_state"))
+        digests = _digests(out[1])
+        if save.comm.rank == 0:
+            save.ckdir.mkdir(parents=True, exist_ok=True)
+            _remove(save.tmp)  # leftovers of an interrupted attempt at this same step
+            save.tmp.mkdir()
     except Exception as exc:  # noqa: BLE001 - reported collectively, re-raised below
         error = error_text(exc)
-    _raise_if_failed(comm, comm.allgather(error), where, fix, cleanup)
+    gathered = save.comm.allgather((error, digests))
+    errors = [e or _meta_differs(d, gathered[0][1]) for e, d in gathered]
+    _raise_if_failed(save.comm, errors, save.where, save.fix, save.cleanup)
+    assert out is not None
+    return out
 
-    # Phase 2: each rank writes its disjoint part, then all agree on success.
-    assignment = fmt.assign_keys({k: s["nbytes"] for k, s in specs.items()}, size)
-    attrs = {"schema_version": fmt.SCHEMA_VERSION, "step": step, "rank": rank, "n_ranks": size}
+
+def _write_shards(save: _Save, state: Mapping[str, Any], keys: list[str], rank_state: Mapping[str, Any] | None,
+                  rank_specs: dict[str, dict[str, Any]] | None) -> list[tuple[str, int, dict | None]]:
+    """Phase 2: each rank writes its disjoint part (``keys``) and its ``rank_state`` into its
+    shard; all agree on success. Returns every shard's (sha256, bytes, rank_state specs)."""
+    comm = save.comm
+    attrs = {"schema_version": fmt.SCHEMA_VERSION, "step": save.step, "rank": comm.rank, "n_ranks": comm.size}
     error, result = None, None
     try:
-        if not tmp.is_dir():  # rank 0 made it: this rank's view of run_dir is another folder
-            raise CheckpointError(f"rank {rank} on host {socket.gethostname()} does not see {tmp}, which rank 0 "
-                                  "created: run_dir is not the same folder on every node; fix: put run_dir on a "
-                                  "file system shared by all ranks")
-        sha, nbytes = fmt.write_shard(tmp / fmt.shard_file_name(rank, size), state, assignment[rank],
+        if not save.tmp.is_dir():  # rank 0 made it: this rank's view of run_dir is another folder
+            raise CheckpointError(f"rank {comm.rank} on host {socket.gethostname()} does not see {save.tmp}, which "
+                                  "rank 0 created: run_dir is not the same folder on every node; fix: put run_dir "
+                                  "on a file system shared by all ranks")
+        sha, nbytes = fmt.write_shard(save.tmp / fmt.shard_file_name(comm.rank, comm.size), state, keys,
                                       rank_state, attrs)
-        result = (sha, nbytes, rs_spec)
+        result = (sha, nbytes, rank_specs)
     except Exception as exc:  # noqa: BLE001
         error = error_text(exc)
     results = comm.allgather((error, result))
-    _raise_if_failed(comm, [e for e, _ in results], where, fix, cleanup)
+    _raise_if_failed(comm, [e for e, _ in results], save.where, save.fix, save.cleanup)
+    return [r for _, r in results]
 
-    # Phase 3: rank 0 writes the manifest last and commits by rename; the broadcast releases
-    # the other ranks; only then does rank 0 apply retention (off the ranks' critical path,
-    # which a stop signal's time budget also counts).
-    error = None
-    if rank == 0:
+
+def _commit(save: _Save, manifest: dict[str, Any] | None, keep: int) -> None:
+    """Phase 3: rank 0 checks that it sees every shard, writes the manifest last and commits
+    by rename; the broadcast of its verdict releases the other ranks; only then does rank 0
+    apply retention (off the ranks' critical path, which a stop signal's time budget also
+    counts)."""
+    comm, error = save.comm, None
+    if comm.rank == 0:
+        assert manifest is not None
         try:
-            shard_results = [r for _, r in results]
-            for r, (_, nbytes, _) in enumerate(shard_results):
-                shard = tmp / fmt.shard_file_name(r, size)
+            for r, entry in enumerate(manifest["shards"]):
+                shard = save.tmp / entry["file"]
                 on_disk = shard.stat().st_size if shard.is_file() else None
-                if on_disk != nbytes:  # rank 0 must see what rank r wrote (shared file system)
-                    raise CheckpointError(f"rank 0 sees {on_disk} bytes in shard {r}, rank {r} wrote {nbytes}; "
-                                          f"fix: put run_dir on a file system shared by all ranks")
-            manifest = fmt.build_manifest(step, meta_json, specs, assignment, shard_results)
-            fmt.write_manifest(tmp / fmt.MANIFEST_NAME, manifest)
-            fmt.fsync_path(tmp)
-            _commit(tmp, final, step)
+                if on_disk != entry["bytes"]:  # rank 0 must see what rank r wrote (shared file system)
+                    raise CheckpointError(f"rank 0 sees {on_disk} bytes in shard {r}, rank {r} wrote "
+                                          f"{entry['bytes']}; fix: put run_dir on a file system shared by all ranks")
+            fmt.write_manifest(save.tmp / fmt.MANIFEST_NAME, manifest)
+            fmt.fsync_path(save.tmp)
+            _commit_folder(save.tmp, save.final, save.step)
         except Exception as exc:  # noqa: BLE001
-            error = f"{where} failed on rank 0: {error_text(exc)}"
+            error = f"{save.where} failed on rank 0: {error_text(exc)}"
             try:
-                cleanup()
+                save.cleanup()
             except OSError:
                 pass
     error = comm.bcast(error, root=0)  # also the barrier: nobody returns before the commit
-    if rank == 0 and error is None:
-        remember_verified(final)
+    if comm.rank == 0 and error is None:
+        remember_verified(save.final)
         try:
-            _apply_retention(ckdir, step, keep)
+            _apply_retention(save.ckdir, save.step, keep)
         except Exception as exc:  # noqa: BLE001 - the new checkpoint is safe; cleanup must not stop training
-            log.warning("checkpoint retention in %s failed: %s", ckdir, exc)
+            log.warning("checkpoint retention in %s failed: %s", save.ckdir, exc)
     if error is not None:
         if "; fix:" not in error:
-            error += f"; nothing was committed; fix: {fix}"
+            error += f"; nothing was committed; fix: {save.fix}"
         raise CheckpointError(error, every_rank=True)
-    return final

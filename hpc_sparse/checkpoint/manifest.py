@@ -80,18 +80,20 @@ def _keys(value: Any, what: str) -> list[str]:
     return keys
 
 
-def check_array_spec(key: str, spec: Any, n_ranks: int) -> None:
-    """One entry of ``arrays``: kind, shape, dtype, shard; CSR adds index dtype and nnz."""
-    where = f"array {key!r}"
+def check_array_spec(key: str, spec: Any, n_ranks: int | None, where: str | None = None) -> None:
+    """One entry of ``arrays`` (with ``n_ranks``: its ``shard`` too) or of a shard's
+    ``rank_state`` (``n_ranks`` None): kind, shape, dtype; CSR adds index dtype and nnz."""
+    where = where or f"array {key!r}"
     spec = _dict(spec, where)
     kind = spec.get("kind")
     if kind not in ("dense", "csr"):
         raise _Malformed(f"{where} has kind {kind!r}, not 'dense' or 'csr'")
     _shape(spec.get("shape"), f"{where} shape", 2 if kind == "csr" else None)
     numeric_dtype(spec.get("dtype"), f"{where} dtype")
-    shard = _int(spec.get("shard"), f"{where} shard")
-    if shard >= n_ranks:
-        raise _Malformed(f"{where} is in shard {shard} of {n_ranks}")
+    if n_ranks is not None:
+        shard = _int(spec.get("shard"), f"{where} shard")
+        if shard >= n_ranks:
+            raise _Malformed(f"{where} is in shard {shard} of {n_ranks}")
     if kind == "csr":
         if numeric_dtype(spec.get("index_dtype"), f"{where} index_dtype").kind != "i" \
                 or np.dtype(spec["index_dtype"]).itemsize not in (4, 8):
@@ -100,11 +102,13 @@ def check_array_spec(key: str, spec: Any, n_ranks: int) -> None:
 
 
 def rank_state_spec(shard: Mapping[str, Any], version: int) -> dict[str, dict[str, Any]] | None:
-    """The ``{key: {"shape", "dtype"}}`` of a shard's per-rank state (schema 2), or None when
-    the schema (1) has none. Assumes :func:`check_manifest` passed."""
+    """The ``{key: array spec}`` of a shard's per-rank state (schema 2: dense arrays, given
+    kind "dense" here), or None when the schema (1) has none. Assumes :func:`check_manifest`
+    passed."""
     if version < 2:
         return None
-    return shard.get("rank_state") or {}
+    spec = shard.get("rank_state") or {}
+    return spec if version >= 3 else {key: {"kind": "dense", **entry} for key, entry in spec.items()}
 
 
 def _check_shard(r: int, shard: Any, n_ranks: int, version: int) -> None:
@@ -128,8 +132,11 @@ def _check_shard(r: int, shard: Any, n_ranks: int, version: int) -> None:
             raise _Malformed(f"{where} lists rank_state arrays but has_rank_state is false")
         for key in _keys(list(spec), f"{where} rank_state keys"):
             entry = _dict(spec[key], f"{where} rank_state {key!r}")
-            _shape(entry.get("shape"), f"{where} rank_state {key!r} shape")
-            numeric_dtype(entry.get("dtype"), f"{where} rank_state {key!r} dtype")
+            if version >= 3:
+                check_array_spec(key, entry, None, f"{where} rank_state {key!r}")
+            else:  # schema 2: dense arrays
+                _shape(entry.get("shape"), f"{where} rank_state {key!r} shape")
+                numeric_dtype(entry.get("dtype"), f"{where} rank_state {key!r} dtype")
 
 
 def check_manifest(manifest: Any) -> None:

@@ -96,11 +96,12 @@ def _read(ds: h5py.Dataset, shape: tuple[int, ...], dtype: np.dtype, file_size: 
     return np.asarray(ds[()])  # 0-d datasets come back as numpy scalars
 
 
-def read_entry(group: h5py.Group, key: str, spec: Mapping[str, Any], file_size: int
+def read_entry(group: h5py.Group, key: str, spec: Mapping[str, Any], file_size: int, what: str = "array"
                ) -> np.ndarray | sp.csr_matrix:
     """Read array ``key`` of ``group`` (a dense dataset or a CSR group) as its manifest ``spec``
-    declares, after the checks of the module docstring; CSR gets ``check_format(full_check=True)``."""
-    where = f"array {key!r}"
+    declares, after the checks of the module docstring; CSR gets ``check_format(full_check=True)``.
+    ``what`` names the kind of array in errors ("array", "rank_state")."""
+    where = f"{what} {key!r}"
     node = resolve(group, key, where)
     dtype = numeric_dtype(spec["dtype"], where)
     shape = tuple(spec["shape"])
@@ -124,20 +125,19 @@ def read_entry(group: h5py.Group, key: str, spec: Mapping[str, Any], file_size: 
 
 
 def read_rank_state(f: h5py.File, spec: Mapping[str, Mapping[str, Any]] | None, file_size: int
-                    ) -> dict[str, np.ndarray] | None:
-    """The per-rank arrays of an open shard: exactly those ``spec`` lists (schema 2), or, for
-    a schema 1 shard (``spec`` None), every dataset reachable by hard links under
-    ``rank_state/``, each checked against its own metadata. None if there is none."""
+                    ) -> dict[str, np.ndarray | sp.csr_matrix] | None:
+    """The per-rank arrays of an open shard: exactly those ``spec`` lists (schema 2 and 3,
+    each read as :func:`read_entry` reads a shared array), or, for a schema 1 shard (``spec``
+    None), every dataset reachable by hard links under ``rank_state/``, each checked against
+    its own metadata. None if there is none."""
     if "rank_state" not in f:
         if spec:
             raise ValueError(f"rank_state {sorted(spec)[0]!r} is missing")
         return None
     root = _child(f, "rank_state", "rank_state")
     if spec is not None:
-        return {key: _read(resolve(root, key, f"rank_state {key!r}"), tuple(s["shape"]),
-                           numeric_dtype(s["dtype"], key), file_size, f"rank_state {key!r}")
-                for key, s in spec.items()}
-    out: dict[str, np.ndarray] = {}
+        return {key: read_entry(root, key, s, file_size, "rank_state") for key, s in spec.items()}
+    out: dict[str, np.ndarray | sp.csr_matrix] = {}
     pending = [("", root)]
     while pending:
         prefix, group = pending.pop()

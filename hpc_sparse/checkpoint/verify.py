@@ -67,9 +67,10 @@ def check_shards(path: Path, manifest: Mapping[str, Any], hashed: Iterable[int] 
 
 
 def parse_shards(path: Path, manifest: Mapping[str, Any], *, deep: bool = True, rank: int | None = None,
-                 keep_arrays: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
-    """Parse shards whose size and hash were checked (:func:`check_shards`): every array with
-    ``deep`` (CSR with a full ``check_format``), and the per-rank state of shard ``rank``.
+                 keep_arrays: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Parse shards whose size and hash were checked (:func:`check_shards`): every array
+    with ``deep`` (CSR with a full ``check_format``; every shard's per-rank state too), and
+    the per-rank state of shard ``rank``.
 
     Returns the arrays (with ``keep_arrays``) and that per-rank state (None if it has none).
     """
@@ -88,8 +89,9 @@ def parse_shards(path: Path, manifest: Mapping[str, Any], *, deep: bool = True, 
                         value = shard_reader.read_entry(group, key, manifest["arrays"][key], shard["bytes"])
                         if keep_arrays:
                             state[key] = value
+                mine = shard_reader.read_rank_state(f, rank_state_spec(shard, version), shard["bytes"])
                 if r == rank:
-                    rank_state = shard_reader.read_rank_state(f, rank_state_spec(shard, version), shard["bytes"])
+                    rank_state = mine
         except (OSError, MemoryError) as exc:
             if fmt.is_environment_error(exc):
                 raise fmt.environment_error(exc, shard_path) from exc
@@ -120,7 +122,7 @@ def load_checkpoint(path: str | Path, rank: int | None = None
         Every array with its saved shape and dtypes; CSR as ``scipy.sparse.csr_matrix``.
     manifest : dict
         The parsed ``manifest.json`` (``meta`` holds what was passed to ``save_checkpoint``).
-    rank_state : dict of str to ndarray or None
+    rank_state : dict of str to ndarray or csr_matrix, or None
     """
     path = Path(path)
     manifest = read_manifest(path)

@@ -2,52 +2,56 @@
 
 A *schedule* (:mod:`hpc_sparse.schedules`: synchronous averaging, WASAP-SGD) decides who
 trains which batch and when replicas meet. The engine does the rest: start and resume
-(:mod:`hpc_sparse.engine.resume`), the epoch-end topology update (importance pruning, the
-RigL gradient refresh, SET/RigL evolution), evaluation, the metrics record and divergence
-check, saving checkpoints, the stop flag and the requeue status, finishing, and ending the
-whole job when one rank fails (:mod:`hpc_sparse.engine.failure`).
+(:mod:`~hpc_sparse.engine.resume`), the step loop (:mod:`~hpc_sparse.engine.loop`), the
+training step, the agreement at meeting points and what follows from it (a checkpoint, a stop
+with exit 75, a divergence error), the epoch-end topology update
+(:mod:`~hpc_sparse.engine.topology_update`), evaluation, the metrics record
+(:mod:`~hpc_sparse.engine.metrics`), saving, finishing, and ending the whole job when one
+rank fails (:mod:`~hpc_sparse.engine.failure`).
 
 A schedule is any object with ``name``, ``check_config(engine)``,
-``check_resume(engine, resumed)`` and ``run(engine) -> int`` (0 when the run is complete,
-``EXIT_REQUEUE`` after a stop with a checkpoint); it calls only the public methods here.
+``check_resume(engine, resumed)``, ``run(engine) -> int`` (the status :meth:`Engine.act`
+or the step loop returned: 0, or ``EXIT_REQUEUE`` after a stop with a checkpoint) and
+``done_state(engine)`` (the schedule state of a complete run's checkpoint).
 """
 
 from __future__ import annotations
 
-import math
-import os
+import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from hpc_sparse import __version__
 from hpc_sparse.checkpoint import save_checkpoint
 from hpc_sparse.config import Config
-from hpc_sparse.data import Dataset, block_bounds, load_dataset
-from hpc_sparse.engine import resume as rs
-from hpc_sparse.engine.failure import end_job_on_error, must_abort
+from hpc_sparse.data import Dataset
+from hpc_sparse.engine import rank_models
+from hpc_sparse.engine.agreement import Agreement, agree
+from hpc_sparse.engine.failure import agreed, end_job_on_error, must_abort
+from hpc_sparse.engine.loop import Checkpoint, Plan, train_epochs
+from hpc_sparse.engine.metrics import AsyncFigures, EpochRecord, MergeFigures, Traffic, describe, diverged
 from hpc_sparse.engine.ownership import take_run_dir
 from hpc_sparse.engine.progress import Progress
+from hpc_sparse.engine.services import configure_threads, evaluate, load_data
+from hpc_sparse.engine.resume import Resumed, finish_resume, load_resumed, replica_arrays
+from hpc_sparse.engine.topology_update import TopologyUpdate, prune, update_topology
 from hpc_sparse.errors import UserError
 from hpc_sparse.log import RunLog
-from hpc_sparse.model_builder import build_model, check_data_shape, describe_blocking, layer_structure
+from hpc_sparse.model_builder import build_model, check_data_shape, describe_blocking
 from hpc_sparse.parallel import comm as pc
-from hpc_sparse.parallel import node_build
 from hpc_sparse.parallel.placement import describe_placement, gather_placement
 from hpc_sparse.runtime.host import host_info
 from hpc_sparse.runtime.run_lock import RunLock
 from hpc_sparse.runtime.signals import EXIT_REQUEUE, StopFlag
 from hpc_sparse.runtime.slurm import describe as describe_slurm
 from hpc_sparse.runtime.slurm import read_slurm_env
-from hpc_sparse.sparse import SparseMLP
-from hpc_sparse.topology import Gather, evolve_model, prune_neurons
-from hpc_sparse.topology.importance import describe_pruning, neurons_without_inputs
-from hpc_sparse.topology.schedule import drop_fraction, evolve_after_epoch, prune_neurons_after_epoch
-
-Batch = tuple[np.ndarray, np.ndarray]
+from hpc_sparse.sparse import SGD, SparseMLP, StepResult, dropout_key
+from hpc_sparse.topology import Gather
+from hpc_sparse.topology.importance import neurons_without_inputs
 
 
 class Schedule(Protocol):
@@ -57,70 +61,22 @@ class Schedule(Protocol):
 
     def check_config(self, engine: "Engine") -> None: ...
 
-    def check_resume(self, engine: "Engine", resumed: rs.Resumed) -> None: ...
+    def check_resume(self, engine: "Engine", resumed: Resumed) -> None: ...
 
     def run(self, engine: "Engine") -> int: ...
 
-
-@dataclass
-class TopologyUpdate:
-    """What one epoch-end topology update did."""
-
-    pruned: list[int] | None  # neurons pruned per hidden layer (prune_neurons), None if none was scheduled
-    evolved: bool
-    evolve_seconds: float
-
-    @property
-    def changed(self) -> bool:
-        return self.pruned is not None or self.evolved
-
-
-def configured_shapes(cfg: Config) -> list[tuple[int, int]]:
-    """The (n_in, n_out) of every weight matrix as configured: SET draws regrown values for
-    these shapes, whatever importance pruning has removed since (README, "Where this differs")."""
-    w = cfg.model.layers
-    return list(zip(w[:-1], w[1:]))
-
-
-def configure_threads(cfg: Config, comm: Any) -> int:
-    """Set numba's thread count: config, else HPC_SPARSE_THREADS, else cores/ranks on the node."""
-    import numba
-
-    on_node = pc.ranks_on_node(comm)  # a collective: on every rank, whatever the environment says
-    n = cfg.train.threads or int(os.environ.get("HPC_SPARSE_THREADS", "0") or 0) or pc.default_threads(on_node)
-    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    return n
-
-
-def load_data(cfg: Config, comm: Any = None) -> Dataset:
-    """The dataset ``cfg.data`` describes, loaded and preprocessed as a run sees it
-    (:func:`~hpc_sparse.data.load_dataset`). Collective over
-    ``comm`` (None: this process alone): a missing cache entry is built once per node (or
-    once, on a folder every rank sees) while the other ranks wait, then every rank maps it."""
-    coordinate = None if comm is None else node_build.coordinator(comm)
-    return load_dataset(**asdict(cfg.data), coordinate=coordinate)
-
-
-def evaluate(model: SparseMLP, data: Dataset, comm: Any, batch_size: int) -> tuple[float, float]:
-    """Mean test loss and accuracy (a fraction) of ``model`` on ``data.x_test``.
-
-    Each rank of ``comm`` evaluates its block of the test set, in batches of ``batch_size``
-    samples; the sums of loss, hits and counts are reduced exactly, so any number of ranks
-    reports the same figures. Collective: every rank of ``comm`` must call it."""
-    lo, hi = block_bounds(data.x_test.shape[0], comm.Get_size(), comm.Get_rank())
-    r = model.evaluate(data.x_test[lo:hi], data.y_test[lo:hi], batch_size)
-    tot = pc.allreduce_sum_(comm, np.array([r.loss_sum, r.correct, r.count], np.float64))
-    return float(tot[0] / tot[2]), float(tot[1] / tot[2])
+    def done_state(self, engine: "Engine") -> dict[str, Any]: ...
 
 
 class Engine:
     """One training job on ``comm`` writing into ``run_dir``; :meth:`run_schedule` trains it.
 
     Attributes a schedule reads and updates: ``cfg``, ``comm``, ``rank``, ``size``, ``log``,
-    ``data``, ``model`` (the model this rank trains), ``progress``, ``history`` (one record
-    per epoch), ``stop`` (the stop flag), ``resumed`` (what a resume loaded, else None),
-    ``schedule_state`` (the JSON its checkpoints store unless a save passes its own).
+    ``data``, ``model`` (the model this rank trains), ``progress``, ``history`` (one JSON
+    record per epoch, the same on every rank), ``stop`` (the stop flag), ``resumed`` (what a
+    resume loaded, else None), ``sums`` (this rank's training loss sum, hits and samples
+    since the epoch began or the run resumed, float64 (3,)), ``last_batch`` (the sample
+    indices of this rank's last training batch, for RigL's refresh after a pruning).
     """
 
     def __init__(self, cfg: Config, comm: Any, run_dir: Path, quiet: bool = False,
@@ -133,15 +89,18 @@ class Engine:
         self.stop = stop if stop is not None else StopFlag()
         self.progress = Progress()
         self.history: list[dict[str, Any]] = []
-        self.resumed: rs.Resumed | None = None
+        self.resumed: Resumed | None = None
         self.schedule_name = ""
-        self.schedule_state: dict[str, Any] = {}  # what checkpoints store for the schedule by default
         self.host = host_info()
+        self.run_host = self.host  # rank 0's, once the run has started: the one checkpoints record
         self.lock: RunLock | None = None  # the run dir's lock while run_schedule runs
         self.n_train = 0
         self.model: SparseMLP
         self.data: Dataset
+        self.sums = np.zeros(3)
+        self.last_batch: np.ndarray | None = None
         self._last_save_time = time.monotonic()
+        self._late_stop = False  # a stop agreed once the run was complete
 
     # ------------------------------------------------------------------ lifecycle
     def run_schedule(self, schedule: Schedule, resume: str | None = None, *, fresh_if_none_valid: bool = False,
@@ -166,11 +125,11 @@ class Engine:
         try:
             self.lock = take_run_dir(self.comm, self.run_dir, self.log, break_lock)
             self.schedule_name = schedule.name
-            schedule.check_config(self)
+            agreed(self.comm, lambda: schedule.check_config(self))
             self.start(resume, schedule, fresh_if_none_valid)
             status = schedule.run(self)
             if status == 0:
-                self.finish()
+                self.finish(schedule)
             # rank 0 applies retention after a save has released the other ranks; wait for it,
             # so that the run dir is final on every rank when this returns
             self.comm.Barrier()
@@ -189,14 +148,14 @@ class Engine:
 
     def start(self, resume: str | None, schedule: Schedule, fresh_if_none_valid: bool = False) -> None:
         """Threads, data; the model from a checkpoint (``resume``) or fresh. The run dir
-        exists and this job holds it."""
-        cfg = self.cfg
-        threads = configure_threads(cfg, self.comm)
-        hosts = gather_placement(self.comm, threads)  # collective: before anything that may fail on one rank
-        self.data = load_data(cfg, self.comm)
-        self.n_train = int(self.data.x_train.shape[0])
-        check_data_shape(cfg, self.data.n_features, self.data.n_classes)
-        d = self.data
+        exists and this job holds it. A user error on any rank is raised on every rank."""
+        cfg, comm = self.cfg, self.comm
+        threads = configure_threads(cfg, comm)
+        hosts = gather_placement(comm, threads)  # collective: before anything that may fail on one rank
+        self.run_host = comm.bcast(self.host if self.rank == 0 else None, root=0)
+        self.data = d = load_data(cfg, comm)  # its errors are agreed by the ranks that build the cache
+        self.n_train = int(d.x_train.shape[0])
+        agreed(comm, lambda: check_data_shape(cfg, d.n_features, d.n_classes))
         self.log.info(f"hpc_sparse {__version__} | {self.size} rank(s) x {threads} thread(s) | {pc.mpi_vendor()} "
                       f"| {schedule.name} | {self.host['cpu_model']} ({self.host['numba_cpu_name']})")
         self.log.info(describe_placement(hosts))
@@ -208,28 +167,30 @@ class Engine:
         for note in d.notes:
             self.log.info(note)
         if resume:
-            self.resumed = rs.load_resumed(self.comm, cfg, self.run_dir, resume, self.log, schedule.name,
-                                           fresh_if_none_valid)
+            self.resumed = load_resumed(comm, cfg, self.run_dir, resume, self.log, schedule.name, fresh_if_none_valid)
         if self.resumed is not None:
-            self.model, self.progress, self.history = self.resumed.model, self.resumed.progress, self.resumed.history
-            schedule.check_resume(self, self.resumed)  # may refuse (every rank) or move the position
+            resumed = self.resumed
+            self.model, self.progress, self.history = resumed.model, resumed.progress, resumed.history
+            agreed(comm, lambda: schedule.check_resume(self, resumed))  # may refuse, or move the position
             self.progress.last_save_step = self.progress.step
-            rs.finish_resume(self.comm, self.run_dir, self.resumed, self.progress, self.host, self.log)
+            finish_resume(comm, self.run_dir, resumed, self.progress, self.host, self.log)
             self.log.write_metrics(self.history)
         else:
-            self.model = build_model(cfg)
+            self.model = agreed(comm, lambda: build_model(cfg))
             self.log.info(f"model: {list(self.model.widths)}, nnz {self.model.nnz:,}, epsilon {cfg.model.epsilon}, "
                           f"{cfg.model.activation}, dropout {cfg.model.dropout}")
         self.log.info(describe_blocking(self.model, cfg.train.batch_size))
         if self.rank == 0:
             (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
 
-    def finish(self) -> None:
-        """Save at the end (``checkpoint.at_end``, if this step is not saved yet; the model must
-        be the same on every rank by now), measure a run that stopped mid-epoch, write summary.json."""
+    def finish(self, schedule: Schedule) -> None:
+        """Prove that every rank holds the same model, save it at the end
+        (``checkpoint.at_end``, unless this step is saved already), measure a run that stopped
+        mid-epoch, write summary.json."""
         p = self.progress
+        pc.check_agreement(self.comm, *replica_arrays(self.model), what="final model")
         if self.cfg.checkpoint.at_end and p.last_save_step != p.step:
-            self.save(Progress(**asdict(p)), state=self.model.state_dict())
+            self.save(Checkpoint(per_rank=False, schedule_state=schedule.done_state(self)))
         last = dict(self.history[-1]) if self.history else {}
         if not self.history or last.get("step") != p.step:  # stopped mid-epoch: measure afresh
             last["test_loss"], last["test_accuracy"] = self.evaluate(self.model)
@@ -239,70 +200,143 @@ class Engine:
                    "epochs_completed": p.epoch, "ranks": self.size, "mode": self.schedule_name,
                    "best_test_accuracy": max((h["test_accuracy"] for h in self.history), default=None)}
         self.log.write_json("summary.json", summary)
+        if self._late_stop:
+            self.log.info(f"stop signal ({self._stop_name()}) arrived as training completed: finishing (status 0) "
+                          "instead of requeueing")
         self.log.info(f"done: test_accuracy {last.get('test_accuracy', float('nan')):.4f}, "
                       f"model_sha256 {summary['model_sha256'][:16]}..., summary in {self.run_dir / 'summary.json'}")
 
-    # ---------------------------------------------------------------- epoch end
-    def update_topology(self, model: SparseMLP, epoch: int, evolution: int, last_batch: Batch | None,
-                        gather: Gather | None = None, prune: bool = True, who: str = "") -> TopologyUpdate:
-        """The epoch-end topology update of ``model`` after 0-based ``epoch``: importance
-        pruning (if scheduled and ``prune``), then SET/RigL evolution (if scheduled) with RNG
-        stream ``evolution``.
+    def complete(self) -> bool:
+        """The run has trained ``train.epochs`` epochs or ``train.max_steps`` steps."""
+        return self.progress.complete(self.cfg.train.epochs, self.cfg.train.max_steps)
 
-        RigL scores missing connections from the buffers of the model's last training step.
-        Importance pruning clears them (the widths or the emptied neurons' outputs changed),
-        so before evolving they are recomputed from ``last_batch`` (x, y of this rank's last
-        training batch) on the pruned model. ``gather`` exchanges RigL candidates between
-        ranks that share the model (None: this rank decides alone). ``who`` names the model
-        in log lines."""
+    # ---------------------------------------------------------------- training
+    def train_epochs(self, plan: Plan) -> int:
+        """The step loop over ``plan`` (:func:`~hpc_sparse.engine.loop.train_epochs`)."""
+        return train_epochs(self, plan)
+
+    def train_batch(self, idx: np.ndarray, epoch: int, dropout_step: int, sgd: SGD, owner: int | None = None
+                    ) -> StepResult | None:
+        """One training step of this rank's model on samples ``idx`` of 0-based ``epoch``
+        (None if ``idx`` is empty). The dropout masks are those of step ``dropout_step`` of
+        rank ``owner`` (default: this rank), whoever trains the batch."""
+        if idx.size == 0:
+            self.log.step()
+            return None
         cfg = self.cfg
-        pruned = None
-        if prune and prune_neurons_after_epoch(epoch, cfg.train.epochs, cfg.importance.enabled,
-                                               cfg.importance.start_epoch, cfg.importance.every):
-            before = (list(model.widths), model.nnz)
-            pruned = prune_neurons(model, cfg.importance.percentile, cfg.importance.min_neurons,
-                                   layer_structure(cfg), cfg.importance.mode)
-            self.log.info(f"importance pruning after {who}epoch {epoch + 1}: "
-                          + describe_pruning(model, cfg.importance.mode, pruned, before))
-        evolved = evolve_after_epoch(epoch, cfg.train.epochs, cfg.topology.evolve_every)
-        t0 = time.perf_counter()
-        if evolved:
-            if cfg.topology.growth == "gradient" and model.last_batch() is None:
-                if last_batch is None:
-                    raise RuntimeError(f"RigL growth after epoch {epoch + 1} needs a training batch of this "
-                                       "rank, and it has trained none; this is a bug")
-                model.gradients(*last_batch)  # RigL scores need this batch's activations at the new widths
-            zeta = drop_fraction(cfg.topology.growth, epoch, cfg.train.epochs, cfg.topology.zeta,
-                                 cfg.topology.rigl_end_fraction)
-            kwargs = {} if gather is None else {"gather": gather}
-            evolve_model(model, zeta=zeta, growth=cfg.topology.growth, seed=cfg.seed, evolution=evolution,
-                         init=cfg.model.init, block_rows=cfg.topology.rigl_block_rows,
-                         structure=layer_structure(cfg), init_shapes=configured_shapes(cfg), **kwargs)
-        return TopologyUpdate(pruned, evolved, time.perf_counter() - t0)
+        who = self.rank if owner is None else owner
+        r = self.model.train_step(*self.data.train_batch(idx, cfg.seed, epoch), sgd,
+                                  dropout_key(cfg.seed, dropout_step, who, 0))
+        self.last_batch = idx
+        self.log.step(r.loss_sum / idx.size)
+        return r
 
-    def evaluate(self, model: SparseMLP, comm: Any | None = None) -> tuple[float, float]:
+    def update_topology(self, model: SparseMLP, epoch: int, *, stream: int = 0, gather: Gather | None = None,
+                        prune: bool = True, who: str = "") -> TopologyUpdate:
+        """The epoch-end topology update of ``model`` after 0-based ``epoch``
+        (:func:`~hpc_sparse.engine.topology_update.update_topology`): importance pruning if
+        scheduled (and ``prune``), SET/RigL evolution if scheduled, with RNG stream
+        ``progress.evolutions + stream``; counts the evolution. RigL's refresh after a pruning
+        uses this rank's last training batch."""
+        p = self.progress
+        update = update_topology(self.cfg, self.log, model, epoch, p.evolutions + stream, self._last_batch,
+                                 gather, prune, who)
+        if update.evolved:
+            p.evolutions += 1
+        return update
+
+    def prune(self, model: SparseMLP, when: str) -> list[int]:
+        """Importance-prune ``model`` now, logged as "importance pruning {when}: ..."."""
+        return prune(self.cfg, self.log, model, when)
+
+    def _last_batch(self) -> tuple[np.ndarray, np.ndarray] | None:
+        idx = self.last_batch
+        return None if idx is None else (self.data.x_train[idx], self.data.y_train[idx])
+
+    def evaluate(self, model: SparseMLP, comm: Any | None = None, polled: bool = False) -> tuple[float, float]:
         """Test (loss, accuracy) of ``model``, the test set split over ``comm`` (default: the run's)."""
-        return evaluate(model, self.data, self.comm if comm is None else comm, self.cfg.train.eval_batch_size)
+        return evaluate(model, self.data, self.comm if comm is None else comm, self.cfg.train.eval_batch_size,
+                        polled)
 
-    def record_epoch(self, rec: dict[str, Any], phase: str = "", details: str = "", every_rank: bool = True) -> None:
-        """Append one epoch's metrics to the history and metrics.jsonl, log a line, and stop
-        with a UserError if the training loss is not finite (``every_rank``: the figures are
-        the same on every rank, so all of them raise together)."""
-        self.history.append(rec)
+    def close_epoch(self, epoch: int, train: tuple[float, float | None, float], test: tuple[float, float],
+                    t0: float, train_seconds: float, sample_seconds: float, update: TopologyUpdate, *,
+                    shared: bool, phase: str | None = None, traffic: Traffic | None = None,
+                    asynchronous: AsyncFigures | None = None, merge: MergeFigures | None = None) -> None:
+        """The end of 0-based ``epoch``, after its topology update and evaluation: the
+        progress moves on to the next epoch and the epoch's record is written (:meth:`record`,
+        ``shared`` as there). ``train``: the epoch's training loss sum, hits (None: not every
+        update reported them) and samples, over all ranks; ``test``: test loss and accuracy;
+        ``t0``: ``time.perf_counter()`` when the epoch began; ``sample_seconds``: the time the
+        samples took (for samples_per_second); the optional groups: the schedule's own figures."""
+        p, model = self.progress, self.model
+        loss, correct, count = train
+        p.epoch, p.step_in_epoch = epoch + 1, 0
+        p.epoch_loss_sum, p.epoch_correct, p.epoch_count = 0.0, 0, 0
+        self.sums[:] = 0
+        self.record(EpochRecord(
+            epoch=epoch + 1, step=p.step, train_loss=loss / max(count, 1),
+            train_accuracy=None if correct is None else correct / max(count, 1), test_loss=test[0],
+            test_accuracy=test[1], nnz=model.nnz, neurons=model.hidden_neurons, widths=list(model.widths),
+            epoch_seconds=time.perf_counter() - t0, train_seconds=train_seconds, evolve_seconds=update.evolve_seconds,
+            samples_per_second=count / max(sample_seconds, 1e-9), ranks=self.size, phase=phase, traffic=traffic,
+            asynchronous=asynchronous, merge=merge), shared)
+
+    def record(self, rec: EpochRecord, shared: bool) -> None:
+        """The one writer of the metrics: append ``rec`` to the history and metrics.jsonl and
+        log it; raise a UserError if its training loss is not finite. ``shared``: every rank
+        calls this, and every rank records rank 0's record (collective)."""
+        entry = rec.to_json()
+        if shared and self.size > 1:
+            entry = json.loads(pc.bcast_bytes(self.comm, json.dumps(entry).encode() if self.rank == 0 else None))
+        self.history.append(entry)
         self.log.write_metrics(self.history)
-        tag = f" ({phase})" if phase else ""
-        self.log.info(f"epoch {rec['epoch']}/{self.cfg.train.epochs}{tag}: train_loss {rec['train_loss']:.4f} "
-                      f"test_loss {rec['test_loss']:.4f} test_acc {rec['test_accuracy']:.4f} nnz {rec['nnz']:,} "
-                      f"neurons {rec['neurons']:,} {rec['epoch_seconds']:.2f}s "
-                      f"({rec['samples_per_second']:.0f} samples/s{details})")
-        if not math.isfinite(rec["train_loss"]):
-            raise UserError(f"training diverged in epoch {rec['epoch']} (loss is NaN or inf); fix: lower train.lr "
-                            f"(now {self.cfg.train.lr}); the last good checkpoint is kept", every_rank=every_rank)
+        self.log.info(describe(entry, rec.details(), self.cfg.train.epochs))
+        if not np.isfinite(entry["train_loss"]):
+            raise UserError(diverged(f"in epoch {entry['epoch']}", self.cfg.train.lr), every_rank=shared)
 
-    def diverged(self, step: int, every_rank: bool = True) -> UserError:
-        """The error for a non-finite loss seen at ``step``."""
-        return UserError(f"training diverged at step {step} (loss is NaN or inf); fix: lower train.lr "
-                         f"(now {self.cfg.train.lr}); the last good checkpoint is kept", every_rank=every_rank)
+    # ---------------------------------------------------------- meeting points
+    def agree(self, nonfinite: bool = False, figures: tuple[float, ...] = (), polled: bool = False) -> Agreement:
+        """The ranks' agreement at a meeting point (:func:`~hpc_sparse.engine.agreement.agree`):
+        this rank's stop flag, whether a checkpoint is due (``checkpoint.every_steps``, or
+        ``every_seconds`` on rank 0's clock), ``nonfinite`` and ``figures``. Collective."""
+        due = self.save_steps_due() or (self.rank == 0 and self.save_time_due())
+        return agree(self.comm, stop=self.stop.requested, save_due=due, nonfinite=nonfinite, figures=figures,
+                     polled=polled)
+
+    def meeting_wanted(self, peer_stop: bool = False) -> bool:
+        """Whether this rank should call the replicas to a meeting (WASAP-SGD's server, which
+        decides when the asynchronous phase meets): a stop asked of it or reported by a peer
+        (``peer_stop``), or a checkpoint due; never once the run is complete."""
+        return not self.complete() and (peer_stop or self.stop.requested or self.save_steps_due()
+                                        or self.save_time_due())
+
+    def raise_if_diverged(self, agreement: Agreement) -> None:
+        if agreement.nonfinite:
+            raise UserError(diverged(f"at step {self.progress.step}", self.cfg.train.lr), every_rank=True)
+
+    def act(self, agreement: Agreement, checkpoint: Checkpoint) -> int | None:
+        """What the ranks do after agreeing, the same for every schedule: a divergence error;
+        once the run is complete, nothing (a stop then finishes with status 0, the checkpoint
+        is ``checkpoint.at_end``'s); a stop: a checkpoint (unless this step has one), a log
+        line, ``EXIT_REQUEUE``; a checkpoint due: ``checkpoint``. Returns the status to end
+        the run with, or None to go on. Collective."""
+        self.raise_if_diverged(agreement)
+        if self.complete():
+            self._late_stop |= agreement.stop
+            return None
+        p = self.progress
+        if agreement.stop:
+            if p.last_save_step != p.step:
+                self.save(checkpoint)
+            self.log.info(f"stop signal ({self._stop_name()}) handled at step {p.step}: checkpoint written; exiting "
+                          f"with status {EXIT_REQUEUE} so the job script requeues")
+            return EXIT_REQUEUE
+        if agreement.save_due:
+            self.save(checkpoint)
+        return None
+
+    def _stop_name(self) -> str:
+        return self.stop.signal_name or "on another rank"
 
     # -------------------------------------------------------------- checkpoints
     def seconds_since_save(self) -> float:
@@ -310,7 +344,7 @@ class Engine:
 
     def save_time_due(self) -> bool:
         """``checkpoint.every_seconds`` passed since the last save, on this rank's clock (the
-        schedule agrees on rank 0's)."""
+        ranks agree on rank 0's)."""
         every = self.cfg.checkpoint.every_seconds
         return every > 0 and self.seconds_since_save() >= every
 
@@ -318,43 +352,29 @@ class Engine:
         every = self.cfg.checkpoint.every_steps
         return every > 0 and self.progress.step - self.progress.last_save_step >= every
 
-    def save(self, progress: Progress, state: dict[str, Any] | None = None,
-             rank_state: dict[str, np.ndarray] | None = None, schedule_state: dict[str, Any] | None = None) -> Path:
-        """Collectively write a checkpoint of step ``progress.step``.
-
-        ``state``: the model state, the same on every rank (a replica); or None when every
-        rank holds its own model, which then goes into ``rank_state`` (its own shard).
-        ``schedule_state``: JSON the schedule needs to continue (e.g. WASAP's phase and
-        positions; default ``self.schedule_state``). The meta also records the config,
-        progress, history and rank 0's CPU."""
+    def save(self, checkpoint: Checkpoint) -> Path:
+        """Collectively write a checkpoint of this step: the replica, or every rank's own model
+        (``checkpoint.per_rank``), and the meta, the same on every rank (config, progress with
+        the epoch's training sums over all ranks, history, rank 0's host, the schedule state)."""
         p = self.progress
-        saved = Progress(**asdict(progress))
-        saved.last_save_step = saved.step
+        sums = pc.allreduce_sum_(self.comm, self.sums.copy())
+        saved = replace(p, last_save_step=p.step, epoch_loss_sum=p.epoch_loss_sum + float(sums[0]),
+                        epoch_correct=p.epoch_correct + int(sums[1]), epoch_count=p.epoch_count + int(sums[2]))
         meta: dict[str, Any] = {
             "config": self.cfg.to_dict(), "progress": asdict(saved), "history": self.history,
             "epoch": saved.epoch, "n_train": self.n_train, "widths": list(self.model.widths),
-            "schedule": self.schedule_name, "host": self.host,
-            "schedule_state": self.schedule_state if schedule_state is None else schedule_state,
+            "schedule": self.schedule_name, "host": self.run_host, "schedule_state": checkpoint.schedule_state,
             "rng": "counter-based: data order = f(seed, epoch), dropout = f(seed, step, rank, layer), "
                    "topology = f(seed, evolution, layer)"}
-        if state is None:
+        if checkpoint.per_rank:
             meta["rank_model_sha256"] = self.comm.allgather(self.model.sha256())
-            state = {}
+            state, own = {}, rank_models.pack(self.model)
         else:
-            meta["model_sha256"] = self.model.sha256() if self.rank == 0 else None
+            meta["model_sha256"] = self.model.sha256()
+            state, own = self.model.state_dict(), None
         path = save_checkpoint(self.comm, self.run_dir, saved.step, state, meta, keep=self.cfg.checkpoint.keep,
-                               rank_state=rank_state)
+                               rank_state=own)
         p.last_save_step = saved.step
         self._last_save_time = time.monotonic()
         self.log.info(f"checkpoint {path.name} written (step {saved.step})")
         return path
-
-    def requeue(self, save: Callable[[], Any] | None) -> int:
-        """After the ranks agreed on a stop: ``save()`` unless this step is saved already, log,
-        and return ``EXIT_REQUEUE`` (the CLI exits with it; the job script requeues)."""
-        p = self.progress
-        if save is not None and p.last_save_step != p.step:
-            save()
-        self.log.info(f"stop signal ({self.stop.signal_name or 'on another rank'}) handled at step {p.step}: "
-                      f"checkpoint written; exiting with status {EXIT_REQUEUE} so the job script requeues")
-        return EXIT_REQUEUE

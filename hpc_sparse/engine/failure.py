@@ -8,6 +8,13 @@ used from Python under ``mpiexec`` without ``python -m mpi4py``.
 Not aborted (re-raised for the caller): everything in a one-rank run; a
 :class:`~hpc_sparse.errors.UserError` marked ``every_rank`` (raised on all ranks at the same
 point, so nobody waits); ``KeyboardInterrupt`` and ``SystemExit``.
+
+Only an agreement marks an error ``every_rank``: :func:`agreed` around a step without
+collectives whose user errors may come on some ranks only (the config, the data's shape,
+the checks of a loaded checkpoint, a schedule's checks), or a collective function that
+raises right after the collective told every rank the same (the checkpoint save and load,
+the run dir's lock, the engine's agreement at a meeting point). Any other error on one rank
+of several ends the job.
 """
 
 from __future__ import annotations
@@ -16,11 +23,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from hpc_sparse.errors import UserError
+from hpc_sparse.errors import EXIT_USER_ERROR, UserError
 
 T = TypeVar("T")
 
-EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
 
 

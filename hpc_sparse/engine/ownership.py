@@ -1,4 +1,4 @@
-"""A run directory has one owner: the job that holds its lock (DESIGN.md §7).
+"""A run directory has one owner: the job that holds its lock (README, "Checkpoints and resume").
 
 Before anything else touches the run dir, rank 0 creates it and takes its lock
 (:mod:`hpc_sparse.runtime.run_lock`), and every rank learns the verdict through one

@@ -21,3 +21,9 @@ class Progress:
     epoch_loss_sum: float = 0.0
     epoch_correct: int = 0
     epoch_count: int = 0
+
+    def complete(self, epochs: int, max_steps: int = 0) -> bool:
+        """True once the run has trained ``epochs`` epochs (and no step of the next), or
+        ``max_steps`` steps (0: no limit). The one test of "the run is complete", for a
+        training run and for a checkpoint's saved progress alike."""
+        return (self.epoch >= epochs and self.step_in_epoch == 0) or (max_steps > 0 and self.step >= max_steps)

@@ -11,6 +11,9 @@ Used by :class:`hpc_sparse.engine.core.Engine` (this module does not know the en
 2. The config must keep the seed (other differences are logged); the schedule must be the
    one that wrote it; the schedule checks the rest (``check_resume``: e.g. sync rescales
    the position for another rank count or batch size, WASAP-SGD refuses those mid-run).
+   These checks and the model's construction (a replica, or this rank's own model:
+   :mod:`~hpc_sparse.engine.rank_models`) are agreed: a refusal on any rank is raised on
+   every rank.
 3. After loading, the ranks prove they hold the same progress and (replica) model, and rank
    0 checks the model against the ``model_sha256`` recorded at save time; any mismatch
    stops every rank with an error.
@@ -30,19 +33,18 @@ from typing import Any
 
 import numpy as np
 
-from hpc_sparse.checkpoint import choose_and_load, set_aside_newer
+from hpc_sparse.checkpoint import Loaded, choose_and_load, set_aside_newer
 from hpc_sparse.checkpoint.format import invalid
 from hpc_sparse.config import Config, config_from_dict
+from hpc_sparse.engine import rank_models
+from hpc_sparse.engine.failure import agreed
 from hpc_sparse.engine.progress import Progress
 from hpc_sparse.errors import UserError
 from hpc_sparse.log import RunLog
-from hpc_sparse.model_builder import model_from_rank_arrays, model_from_state
+from hpc_sparse.model_builder import model_from_state
 from hpc_sparse.parallel import comm as pc
 from hpc_sparse.runtime.host import compare_hosts
 from hpc_sparse.sparse import SparseMLP
-
-MODEL_PREFIX = "model/"
-"""Key prefix of a rank's own model in its per-rank state (WASAP-SGD's local phase)."""
 
 
 @dataclass
@@ -105,7 +107,6 @@ def load_resumed(comm: Any, cfg: Config, run_dir: Path, resume: str, log: RunLog
     loaded = choose_and_load(comm, run_dir, resume, check=check_meta)
     for bad, reason in loaded.skipped:
         log.info(f"skipping invalid checkpoint {bad}: {reason}")
-    invalid_paths = {p for p, _ in loaded.skipped}
     if loaded.path is None:
         if loaded.skipped and not fresh_if_none_valid:
             names = ", ".join(p.name for p, _ in loaded.skipped)
@@ -115,28 +116,32 @@ def load_resumed(comm: Any, cfg: Config, run_dir: Path, resume: str, log: RunLog
                             "or pass --fresh-if-none-valid to start from step 0 (they are then set aside, not deleted)",
                             every_rank=True)
         log.info(f"no valid checkpoint in {run_dir}; starting from scratch")
-        keep_lineage(comm, run_dir, -1, invalid_paths, log)
+        keep_lineage(comm, run_dir, -1, {p for p, _ in loaded.skipped}, log)
         return None
-    path, manifest = loaded.path, loaded.manifest
-    meta = manifest["meta"]
-    if not loaded.state and int(manifest["n_ranks"]) != comm.Get_size():
-        # per-rank models (WASAP-SGD's local phase): decided from the manifest, which every rank
-        # holds, so that every rank refuses together (not only the ranks without a model)
-        raise UserError(f"checkpoint {path} holds one model per rank, written by {manifest['n_ranks']} rank(s), and "
-                        f"this run has {comm.Get_size()}; fix: resume it with {manifest['n_ranks']} rank(s)",
-                        every_rank=True)
-    _check_config(cfg, meta["config"], str(path), log)
-    saved_schedule = meta.get("schedule", "sync")
-    complete = meta["progress"]["epoch"] >= cfg.train.epochs and meta["progress"]["step_in_epoch"] == 0
-    if saved_schedule != schedule and not complete:
-        raise UserError(f"checkpoint {path} was written by parallel.mode={saved_schedule!r}, this run uses "
-                        f"{schedule!r}; fix: resume it with --set parallel.mode=\"{saved_schedule}\", or start "
-                        "a new --run-dir", every_rank=True)
-    model = _model(cfg, comm.Get_rank(), loaded.state, loaded.rank_state, str(path))
-    resumed = Resumed(path, meta, int(manifest["n_ranks"]), model, Progress(**meta["progress"]),
-                      list(meta["history"]), loaded.rank_state, invalid_paths)
+    resumed = agreed(comm, lambda: _resumed(cfg, comm, loaded, log, schedule))
     _check_loaded(comm, resumed)
     return resumed
+
+
+def _resumed(cfg: Config, comm: Any, loaded: Loaded, log: RunLog, schedule: str) -> Resumed:
+    """This rank's side of a loaded checkpoint, checked against the config and the schedule;
+    a UserError if it cannot be resumed (the caller agrees on it)."""
+    path, manifest = loaded.path, loaded.manifest
+    assert path is not None
+    meta = manifest["meta"]
+    if not loaded.state and int(manifest["n_ranks"]) != comm.Get_size():
+        # per-rank models (WASAP-SGD's local phase): decided from the manifest, which every rank holds
+        raise UserError(f"checkpoint {path} holds one model per rank, written by {manifest['n_ranks']} rank(s), and "
+                        f"this run has {comm.Get_size()}; fix: resume it with {manifest['n_ranks']} rank(s)")
+    _check_config(cfg, meta["config"], str(path), log)
+    saved_schedule = meta.get("schedule", "sync")
+    if saved_schedule != schedule and not Progress(**meta["progress"]).complete(cfg.train.epochs):
+        raise UserError(f"checkpoint {path} was written by parallel.mode={saved_schedule!r}, this run uses "
+                        f"{schedule!r}; fix: resume it with --set parallel.mode=\"{saved_schedule}\", or start "
+                        "a new --run-dir")
+    model = checkpoint_model(cfg, loaded.state, loaded.rank_state, str(path))
+    return Resumed(path, meta, int(manifest["n_ranks"]), model, Progress(**meta["progress"]),
+                   list(meta["history"]), loaded.rank_state, {p for p, _ in loaded.skipped})
 
 
 def finish_resume(comm: Any, run_dir: Path, resumed: Resumed, progress: Progress, host: dict[str, str],
@@ -150,33 +155,37 @@ def finish_resume(comm: Any, run_dir: Path, resumed: Resumed, progress: Progress
     log.info(compare_hosts(resumed.meta.get("host"), host)[1])
 
 
-def _model(cfg: Config, rank: int, state: dict[str, Any], rank_state: dict[str, Any] | None,
-           source: str) -> SparseMLP:
-    """The replica model of ``state``, or (a checkpoint of per-rank models) this rank's own.
+def checkpoint_model(cfg: Config, state: dict[str, Any], rank_state: dict[str, Any] | None,
+                     source: str) -> SparseMLP:
+    """The model a loaded checkpoint holds: its replica (``state``), or, in a checkpoint of
+    per-rank models, the one in ``rank_state`` (:mod:`~hpc_sparse.engine.rank_models`).
+    A UserError if the arrays do not form a model of ``cfg``."""
+    try:
+        arrays = state or rank_models.unpack(rank_state)
+        if not arrays:
+            raise UserError(f"checkpoint {source} holds no model for this rank; fix: resume an older checkpoint")
+        return model_from_state(cfg, arrays, source)
+    except (KeyError, ValueError, TypeError, IndexError) as exc:  # verified arrays that do not form a model
+        raise UserError(f"checkpoint {source} does not hold a complete model ({type(exc).__name__}: {exc}); "
+                        "fix: resume an older checkpoint") from exc
 
-    A replica is the same on every rank, so its errors are raised by every rank together; a
-    per-rank model's only by its rank (``every_rank=False``: the engine then ends the job)."""
-    if state:
-        try:
-            return model_from_state(cfg, state, source)
-        except (KeyError, ValueError, TypeError, IndexError) as exc:  # verified arrays that do not form a model
-            raise UserError(f"checkpoint {source} does not hold a complete model ({type(exc).__name__}: {exc}); "
-                            "fix: resume an older checkpoint", every_rank=True) from exc
-    mine = {k[len(MODEL_PREFIX):]: v for k, v in (rank_state or {}).items() if k.startswith(MODEL_PREFIX)}
-    if not mine:
-        raise UserError(f"checkpoint {source} holds no model for rank {rank}; fix: resume an older checkpoint")
-    return model_from_rank_arrays(cfg, mine, source)
+
+def replica_arrays(model: SparseMLP) -> tuple[list[np.ndarray], list[str]]:
+    """Every index and parameter array of ``model`` with its name: what replicas must agree on."""
+    arrays, names = model.topology_arrays()
+    params = model.parameter_arrays()
+    return arrays + params, names + [f"parameter array {i}" for i in range(len(params))]
 
 
 def _check_config(cfg: Config, saved: dict[str, Any], source: str, log: RunLog) -> None:
     try:
         old = config_from_dict(saved).to_dict()
     except UserError as exc:  # the same on every rank
-        raise UserError(f"checkpoint {source} holds a config this version refuses ({exc})", every_rank=True) from exc
+        raise UserError(f"checkpoint {source} holds a config this version refuses ({exc})") from exc
     new = cfg.to_dict()
     if old["seed"] != new["seed"]:
         raise UserError(f"checkpoint {source} was trained with seed={old['seed']} but the config says "
-                        f"seed={new['seed']}; fix: use the run's seed or a new --run-dir", every_rank=True)
+                        f"seed={new['seed']}; fix: use the run's seed or a new --run-dir")
     diffs = [f"{sec}.{k}: {old[sec][k]!r} -> {new[sec][k]!r}" for sec in new if isinstance(new[sec], dict)
              for k in new[sec] if old[sec][k] != new[sec][k]]
     if diffs:
@@ -196,10 +205,9 @@ def _check_loaded(comm: Any, resumed: Resumed) -> None:
         shas = meta["rank_model_sha256"]
         bad = rank >= len(shas) or model.sha256() != shas[rank]
     else:
-        model_arrays, model_names = model.topology_arrays()
-        params = model.parameter_arrays()
-        arrays += model_arrays + params
-        names += model_names + [f"parameter array {i}" for i in range(len(params))]
+        model_arrays, model_names = replica_arrays(model)
+        arrays += model_arrays
+        names += model_names
         bad = rank == 0 and meta.get("model_sha256") not in (None, model.sha256())
     flags = pc.agree_max(comm, np.array([int(bad)], np.int64))
     try:

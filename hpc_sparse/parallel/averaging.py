@@ -22,7 +22,6 @@ class ReplicaAverager:
         Payload of the last sync (bytes of float32 reduced per rank).
     comm_seconds : float
         Total wall time spent inside the Allreduce (including waiting for slower ranks).
-    syncs : int
     """
 
     def __init__(self, comm: MPI.Comm) -> None:
@@ -31,7 +30,6 @@ class ReplicaAverager:
         self._buf = np.empty(0, np.float32)
         self.bytes_per_sync = 0
         self.comm_seconds = 0.0
-        self.syncs = 0
 
     def average_(self, arrays: list[np.ndarray]) -> None:
         """Replace every array by its mean over the ranks (float32, sum then scale by 1/P)."""
@@ -54,4 +52,3 @@ class ReplicaAverager:
             a[...] = buf[pos:pos + a.size]
             pos += a.size
         self.bytes_per_sync = buf.nbytes
-        self.syncs += 1

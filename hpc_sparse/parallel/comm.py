@@ -1,7 +1,12 @@
-"""Communicator helpers: the only place (with the rest of this package) that imports mpi4py.
+"""Communicator helpers and the general collectives: the only place (with the rest of this
+package) that imports mpi4py.
 
 Everything takes the communicator as an argument; nothing here holds a module-level
-COMM_WORLD. A single process without a launcher is just a communicator of size 1.
+COMM_WORLD. A single process without a launcher is just a communicator of size 1. Each
+collective on contiguous numpy buffers comes blocking (``Allreduce``) or, where ranks may
+arrive at very different times, *polled* (``Iallreduce``/``Ibcast`` completed by a
+:class:`~hpc_sparse.parallel.polling.Poller`, so that an early rank sleeps instead of spinning
+a core).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
 from hpc_sparse.errors import UserError
+from hpc_sparse.parallel.polling import Poller
 
 
 def world() -> MPI.Comm:
@@ -63,6 +69,29 @@ def allreduce_sum_(comm: MPI.Comm, buf: np.ndarray) -> np.ndarray:
     if comm.Get_size() > 1:
         comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
     return buf
+
+
+def allreduce_sum_polled(comm: MPI.Comm, buf: np.ndarray, what: str, timeout: float | None = None) -> np.ndarray:
+    """In-place SUM over all ranks with ``Iallreduce`` + polling (ranks that arrive early
+    sleep instead of spinning); raises WasapTimeout naming ``what`` after ``timeout``
+    seconds (default: the Poller's). Returns ``buf``."""
+    if comm.Get_size() > 1:
+        Poller(timeout).wait([comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)], what)
+    return buf
+
+
+def bcast_bytes(comm: MPI.Comm, data: bytes | None, timeout: float | None = None) -> bytes:
+    """Broadcast a byte string from rank 0 (length first, then the bytes; buffer-based,
+    polled). ``data`` is only read on rank 0."""
+    if comm.Get_size() == 1:
+        return data or b""
+    poller = Poller(timeout)
+    root = comm.Get_rank() == 0
+    n = np.array([len(data or b"") if root else 0], np.int64)
+    poller.wait([comm.Ibcast(n, root=0)], "a length from rank 0")
+    buf = np.frombuffer(data or b"", np.uint8).copy() if root else np.empty(int(n[0]), np.uint8)
+    poller.wait([comm.Ibcast(buf, root=0)], "bytes from rank 0")
+    return buf.tobytes()
 
 
 def agree_max(comm: MPI.Comm, flags: np.ndarray) -> np.ndarray:

@@ -1,26 +1,21 @@
-"""WASAP-SGD messaging: buffer-based, non-blocking point-to-point messages and polling waits.
+"""WASAP-SGD messaging: buffer-based, non-blocking point-to-point messages.
 
 Everything here moves flat numpy arrays; what the arrays mean (which layer, weights or
 momentum) is decided by :mod:`hpc_sparse.schedules.wasap`. No message is pickled. The
-header and the message kinds are in :mod:`hpc_sparse.parallel.wasap_header`.
-
-Waiting never spins inside a blocking MPI call: :class:`Poller` tests the requests and sleeps
-with an exponential back-off (20 us up to 1 ms) between tests, and raises :class:`WasapTimeout`
-naming what it waited for after ``timeout`` seconds (MPICH's blocking receive busy-polls a core,
-which cost the paper's idle parameter server most of a core; PAPER.md §4, DESIGN.md §4). A
-failing rank normally ends the job at once (the engine aborts); the timeout is the last resort.
+header and the message kinds are in :mod:`hpc_sparse.parallel.wasap_header`. Waiting never
+spins inside a blocking MPI call: every wait is a :class:`~hpc_sparse.parallel.polling.Poller`
+(see docs/wasap.md, "What the server rank does").
 """
 
 from __future__ import annotations
 
 import math
-import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
 from mpi4py import MPI
 
+from hpc_sparse.parallel.polling import Poller
 from hpc_sparse.parallel.wasap_header import (  # noqa: F401 - re-exported for the schedule
     DONE,
     FINAL,
@@ -29,7 +24,6 @@ from hpc_sparse.parallel.wasap_header import (  # noqa: F401 - re-exported for t
     FLAG_STOP,
     GRAD,
     HOLD,
-    KIND_NAMES,
     MERGE,
     MODEL,
     Header,
@@ -40,66 +34,6 @@ from hpc_sparse.parallel.wasap_header import (  # noqa: F401 - re-exported for t
 TAG_REQ_HDR, TAG_REQ_DATA = 701, 702
 TAG_REP_HDR, TAG_REP_F, TAG_REP_I = 711, 712, 713
 TAG_MERGE_HDR, TAG_MERGE_F, TAG_MERGE_I = 721, 722, 723
-
-DEFAULT_TIMEOUT = 3600.0
-"""Seconds a rank waits for one message before giving up; the environment variable
-``HPC_SPARSE_WASAP_TIMEOUT`` overrides it (read when a :class:`Poller` is made)."""
-
-
-def default_timeout() -> float:
-    """``HPC_SPARSE_WASAP_TIMEOUT`` if set, else :data:`DEFAULT_TIMEOUT` (seconds)."""
-    return float(os.environ.get("HPC_SPARSE_WASAP_TIMEOUT", "") or DEFAULT_TIMEOUT)
-
-
-class WasapTimeout(RuntimeError):
-    """A peer did not answer in time: it probably failed; the job must end."""
-
-
-class Poller:
-    """Waits on MPI requests by testing and sleeping (exponential back-off), with a timeout.
-
-    Attributes
-    ----------
-    wait_seconds : float
-        Total wall time spent waiting in :meth:`wait` (communication and idle time).
-    """
-
-    def __init__(self, timeout: float | None = None, min_sleep: float = 2e-5, max_sleep: float = 1e-3) -> None:
-        self.timeout = default_timeout() if timeout is None else float(timeout)
-        self.min_sleep, self.max_sleep = min_sleep, max_sleep
-        self.wait_seconds = 0.0
-
-    def wait(self, reqs: list[MPI.Request], what: str, timeout: float | None = None) -> None:
-        """Complete every request of ``reqs``; raise WasapTimeout naming ``what`` after
-        ``timeout`` seconds (default: this poller's; ``math.inf``: never)."""
-        limit = self.timeout if timeout is None else timeout
-        t0 = time.perf_counter()
-        sleep = self.min_sleep
-        try:
-            while not MPI.Request.Testall(reqs):
-                now = time.perf_counter()
-                if now - t0 > limit:
-                    for r in reqs:
-                        if r != MPI.REQUEST_NULL:
-                            try:
-                                r.Cancel()
-                            except MPI.Exception:  # pragma: no cover - best effort
-                                pass
-                    raise WasapTimeout(f"waited {limit:g} s for {what}; a peer rank has probably failed "
-                                       "or hangs; fix: check the other ranks' errors (or raise "
-                                       "HPC_SPARSE_WASAP_TIMEOUT if one epoch legitimately takes longer)")
-                time.sleep(sleep)
-                sleep = min(2 * sleep, self.max_sleep)
-        finally:
-            self.wait_seconds += time.perf_counter() - t0
-
-    def idle(self, sleep: float) -> float:
-        """Sleep ``sleep`` seconds (counted as waiting); returns the next back-off interval."""
-        t0 = time.perf_counter()
-        time.sleep(sleep)
-        self.wait_seconds += time.perf_counter() - t0
-        return min(2 * sleep, self.max_sleep)
-
 
 @dataclass
 class Message:
@@ -287,11 +221,6 @@ class WorkerEndpoint(_Endpoint):
         self._pending = None
         return msg
 
-    def push(self, header: Header, grads: np.ndarray) -> Message:
-        """Send GRAD and return the server's MODEL reply."""
-        self.start_push(header, grads)
-        return self.finish_push()
-
     def done(self, step: int, flags: int = 0) -> Message:
         """Send DONE; return the FINAL model (sent once every rank has finished), or HOLD.
 
@@ -353,31 +282,3 @@ def bcast_from_root(comm: MPI.Comm, n_layers: int, header: Header | None, floats
     if comm.Get_size() > 1:
         poller.wait([comm.Ibcast(floats, root=0), comm.Ibcast(ints, root=0)], "the final model from rank 0")
     return Message(0, hd, floats, ints)
-
-
-def bcast_bytes(comm: MPI.Comm, data: bytes | None, timeout: float | None = None) -> bytes:
-    """Broadcast a byte string from rank 0 (length first, then bytes; buffer-based)."""
-    if comm.Get_size() == 1:
-        return data or b""
-    poller = Poller(timeout)
-    root = comm.Get_rank() == 0
-    n = np.array([len(data or b"") if root else 0], np.int64)
-    poller.wait([comm.Ibcast(n, root=0)], "a length from rank 0")
-    buf = np.frombuffer(data or b"", np.uint8).copy() if root else np.empty(int(n[0]), np.uint8)
-    poller.wait([comm.Ibcast(buf, root=0)], "bytes from rank 0")
-    return buf.tobytes()
-
-
-def allreduce_sum(comm: MPI.Comm, buf: np.ndarray, timeout: float | None = None,
-                  what: str = "the other ranks' epoch sums") -> np.ndarray:
-    """In-place SUM over all ranks with ``Iallreduce`` + polling (ranks that arrive early
-    sleep instead of spinning). Returns ``buf``."""
-    if comm.Get_size() > 1:
-        Poller(timeout).wait([comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)], what)
-    return buf
-
-
-def barrier(comm: MPI.Comm, timeout: float | None = None) -> None:
-    """A barrier that sleeps while it waits (``Ibarrier`` + polling)."""
-    if comm.Get_size() > 1:
-        Poller(timeout).wait([comm.Ibarrier()], "the other ranks at a barrier")

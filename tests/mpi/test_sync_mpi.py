@@ -17,6 +17,7 @@ import pytest
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
+from helpers import run_with_stop  # noqa: E402
 from hpc_sparse.config import load_config  # noqa: E402
 from hpc_sparse.data import batch_indices, epoch_permutation, load_dataset, steps_per_epoch  # noqa: E402
 from hpc_sparse.model_builder import build_model  # noqa: E402
@@ -179,24 +180,6 @@ def test_agreement_check_detects_divergence(comm):
         assert err is None
 
 
-class StopAtStep:
-    """A stop flag that reads as requested from a chosen step on (on the ranks in ``ranks``),
-    as if SIGUSR1 had arrived then; its handlers are real (install/restore)."""
-
-    def __init__(self, trainer_ref: list, step: int, ranks: set[int]):
-        from hpc_sparse.runtime.signals import StopFlag
-
-        self.flag, self.ref, self.step, self.ranks = StopFlag(), trainer_ref, step, ranks
-
-    def __getattr__(self, name):
-        return getattr(self.flag, name)
-
-    @property
-    def requested(self) -> bool:
-        t = self.ref[0]
-        return t.rank in self.ranks and t.progress.step >= self.step
-
-
 @pytest.mark.parametrize("limit", ["epochs", "max_steps"])
 def test_a_stop_as_training_completes_finishes_instead_of_requeueing(comm, run_dir, limit):
     """Issue 18, defect 7: a stop signal seen at the last sync point of the last epoch (or at
@@ -205,13 +188,7 @@ def test_a_stop_as_training_completes_finishes_instead_of_requeueing(comm, run_d
     spe = steps_per_epoch(600, comm.size, 20)
     last = spe + 3 if limit == "max_steps" else 3 * spe  # max_steps: in the middle of epoch 2
     cfg = load_config(None, BASE + ([f"train.max_steps={last}"] if limit == "max_steps" else []))
-    ref: list = []
-    t = Trainer(cfg, comm, run_dir, quiet=True, stop=StopAtStep(ref, last, {comm.size - 1}))
-    ref.append(t)
-    status = t.run()
-    statuses = comm.allgather(status)
-    comm.Barrier()
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    statuses, summary, _ = run_with_stop(comm, cfg, run_dir, {comm.size - 1}, lambda p: p.step >= last)
     assert statuses == [0] * comm.size
     assert summary.get("steps") == last
 
@@ -222,10 +199,6 @@ def test_a_stop_in_the_last_epoch_with_steps_left_still_requeues(comm, run_dir):
 
     cfg = load_config(None, BASE + ["parallel.sync_every=1"])
     spe = steps_per_epoch(600, comm.size, 20)
-    ref: list = []
-    t = Trainer(cfg, comm, run_dir, quiet=True, stop=StopAtStep(ref, 2 * spe + 2, {0}))
-    ref.append(t)
-    status = t.run()
+    statuses, summary, t = run_with_stop(comm, cfg, run_dir, {0}, lambda p: p.step >= 2 * spe + 2)
     t.stop.restore()
-    assert comm.allgather(status) == [EXIT_REQUEUE] * comm.size
-    assert not (run_dir / "summary.json").exists()
+    assert statuses == [EXIT_REQUEUE] * comm.size and not summary

@@ -26,7 +26,9 @@ MPI = pytest.importorskip("mpi4py.MPI")
 
 from hpc_sparse.config import load_config  # noqa: E402
 from hpc_sparse.errors import UserError  # noqa: E402
+from hpc_sparse.parallel import comm as pc  # noqa: E402
 from hpc_sparse.parallel import wasap as wp  # noqa: E402
+from hpc_sparse.parallel.polling import Poller, WasapTimeout  # noqa: E402
 from hpc_sparse.data import AsyncBatches, stealable, updates_per_server_epoch  # noqa: E402
 from hpc_sparse.schedules.wasap import async_epochs  # noqa: E402
 from hpc_sparse.topology.pattern import remap_positions, reprune_to_nnz, union_average  # noqa: E402
@@ -215,7 +217,8 @@ def test_gradient_and_model_messages_round_trip(comm):
         for step in (1, 2):
             h = wp.Header(wp.GRAD, step=step, loss_sum=0.25 * rank, count=4, shapes=shapes)
             payload = np.arange(h.float_count(), dtype=np.float32) + 100 * rank + step
-            reply = ep.push(h, payload)
+            ep.start_push(h, payload)
+            reply = ep.finish_push()
             if not (np.array_equal(reply.floats, -payload) and reply.header.version == 1
                     and np.array_equal(reply.ints, np.arange(reply.header.index_count()) * rank)):
                 errors.append(f"bad MODEL reply on rank {rank}")
@@ -254,7 +257,7 @@ def test_a_worker_waits_for_the_final_model_as_long_as_the_slowest_rank_takes(co
             final = wp.WorkerEndpoint(comm, n_layers, timeout=0.5).done(1)
             if final.header.kind != wp.FINAL:
                 error = f"rank {rank} got {final.header.kind_name}"
-    except wp.WasapTimeout as exc:
+    except WasapTimeout as exc:
         error = str(exc)
     assert comm.allgather(error) == [None] * size
 
@@ -278,7 +281,7 @@ def test_merge_gather_and_broadcast(comm):
     out = wp.bcast_from_root(comm, 2, h if rank == 0 else None, floats if rank == 0 else None,
                              ints if rank == 0 else None, timeout=60)
     ok = ok and out.header.shapes[0][0] == 2 and np.all(out.floats == 0) and out.ints.size == 5 + 2 + 4 + 2
-    text = wp.bcast_bytes(comm, "ünïcode".encode() if rank == 0 else None, timeout=60).decode()
+    text = pc.bcast_bytes(comm, "ünïcode".encode() if rank == 0 else None, timeout=60).decode()
     assert comm.allgather(bool(ok) and text == "ünïcode") == [True] * size
 
 
@@ -286,9 +289,9 @@ def test_poller_times_out_with_a_clear_error():
     c = MPI.COMM_SELF.Dup()
     buf = np.empty(1, np.int64)
     req = c.Irecv(buf, source=0, tag=999)
-    poller = wp.Poller(timeout=0.2)
+    poller = Poller(timeout=0.2)
     t0 = time.monotonic()
-    with pytest.raises(wp.WasapTimeout, match="waited 0.2 s for a message that never comes"):
+    with pytest.raises(WasapTimeout, match="waited 0.2 s for a message that never comes"):
         poller.wait([req], "a message that never comes")
     assert time.monotonic() - t0 < 5
 

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 from hpc_sparse.parallel import wasap_header as wh
 from hpc_sparse.sparse import SparseMLP
 
+
 def model_shapes(model: SparseMLP) -> list[tuple[int, int, int]]:
     """(nnz, n_in, n_out) of every layer, as carried in message headers."""
     return [(l.nnz, l.shape[0], l.shape[1]) for l in model.layers]
@@ -79,18 +80,8 @@ def install(model: SparseMLP, header: wh.Header, floats: np.ndarray, ints: np.nd
         model.topology_changed()
 
 
-def all_arrays(model: SparseMLP) -> tuple[list[np.ndarray], list[str]]:
-    """Index and value arrays of every layer with their names (for an agreement check)."""
-    arrays, names = model.topology_arrays()
-    for l, layer in enumerate(model.layers):
-        arrays += [layer.weight.data, layer.bias]
-        names += [f"layers/{l}/W.data", f"layers/{l}/b"]
-    return arrays, names
-
-
-def full_model_header(model: SparseMLP, step: int = 0, version: int = 0
-                      ) -> tuple[wh.Header, np.ndarray, np.ndarray]:
-    """A FINAL message of ``model`` (topology ``version``): header, floats with momentum, indices."""
-    h = wh.Header(wh.FINAL, step=step, version=version, flags=wh.FLAG_INDICES | wh.FLAG_MOMENTUM,
-                  shapes=model_shapes(model))
+def final_message(model: SparseMLP, version: int = 0) -> tuple[wh.Header, np.ndarray, np.ndarray]:
+    """The FINAL message of ``model`` (topology ``version``): header, floats with momentum,
+    indices."""
+    h = wh.Header(wh.FINAL, version=version, flags=wh.FLAG_INDICES | wh.FLAG_MOMENTUM, shapes=model_shapes(model))
     return h, pack_floats(model, True), pack_indices(model)

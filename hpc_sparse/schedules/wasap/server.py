@@ -8,43 +8,64 @@ the last batches of the slowest worker (those the worker cannot have started:
 nothing to do. A worker's gradient is applied with the one SGD rule (:meth:`SGD.apply_`),
 carried over to the current topology if it was computed on an older one.
 
-Every ``upe`` accepted updates are one *server epoch*: the engine's topology update
-(importance pruning, RigL refresh, evolution), an evaluation of the master model on the
-whole test set and a metrics line.
+Every ``updates_per_epoch`` accepted updates are one *server epoch*: the engine's topology
+update (importance pruning, RigL refresh, evolution), an evaluation of the master model on
+the whole test set and the engine's record of the epoch.
 
-**Checkpoints and stop.** When a checkpoint is due (``checkpoint.every_steps`` accepted
-updates, ``every_seconds`` on rank 0's clock, a stop request on rank 0 or reported by a
-worker with FLAG_STOP), rank 0 stops training and *holds* every worker: it applies each
-worker's next gradient and answers it with HOLD (a worker waiting for FINAL gets HOLD at
-once). Once all are held the ranks take a snapshot together (:mod:`.snapshot`) and either
-stop (exit 75) or go on from where each one stood.
+**Meetings.** When the engine wants the ranks to meet (:meth:`Engine.meeting_wanted
+<hpc_sparse.engine.Engine.meeting_wanted>`: a checkpoint due, or a stop asked of rank 0 or
+reported by a worker with FLAG_STOP), rank 0 stops training and *holds* every worker: it
+applies each worker's next gradient and answers it with HOLD (a worker waiting for FINAL gets
+HOLD at once). Once all are held the ranks meet (:func:`.snapshot.snapshot`): the engine
+writes the checkpoint and stops them (exit 75), or they go on from where each one stood.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, astuple, dataclass
 from typing import Any
 
 import numpy as np
 
 from hpc_sparse.data import AsyncBatches, stealable
-from hpc_sparse.engine import Engine
+from hpc_sparse.engine import AsyncFigures, Engine
 from hpc_sparse.parallel import comm as pc
 from hpc_sparse.parallel import wasap as wp
-from hpc_sparse.runtime.signals import EXIT_REQUEUE
 from hpc_sparse.schedules.wasap.codec import model_shapes, pack_floats, pack_indices
-from hpc_sparse.schedules.wasap.snapshot import WasapRun, server_snapshot
-from hpc_sparse.sparse import dropout_key
+from hpc_sparse.schedules.wasap.snapshot import WasapConstants, snapshot
 from hpc_sparse.topology.pattern import remap_positions
 
-_SUMS = ("loss", "correct", "count", "known", "stale", "dropped", "updates")
+
+@dataclass
+class EpochSums:
+    """Running sums of the current server epoch (in a checkpoint: ``epoch_sums``, this order)."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+    known: float = 0.0  # samples whose hits were reported (rank 0's own steps; workers report none)
+    stale: float = 0.0
+    dropped: float = 0.0
+    updates: float = 0.0
+
+
+@dataclass
+class PhaseTotals:
+    """Counts over the whole asynchronous phase (in a checkpoint: ``totals``)."""
+
+    worker: int = 0  # workers' gradients applied (or dropped)
+    own: int = 0  # rank 0's own batches
+    taken: int = 0  # batches rank 0 took over from slower workers
+    stale: int = 0
+    dropped: int = 0
 
 
 class Server:
     """Rank 0 in phase 1. ``saved``: the ``async`` part of a checkpoint's schedule state."""
 
-    def __init__(self, engine: Engine, run: WasapRun, saved: dict[str, Any] | None) -> None:
-        self.e, self.run, self.cfg, self.model = engine, run, engine.cfg, engine.model
+    def __init__(self, engine: Engine, consts: WasapConstants, saved: dict[str, Any] | None) -> None:
+        self.e, self.consts, self.cfg, self.model = engine, consts, engine.cfg, engine.model
         self.endpoint = wp.ServerEndpoint(engine.comm, len(self.model.layers))
         self.workers = list(self.endpoint.workers)
         self.version = 0
@@ -54,17 +75,16 @@ class Server:
         # lives on one of them (the model it held before its last reply was installed, or after)
         self.worker_versions = {w: (0, 0) for w in self.workers}
         cfg = self.cfg
-        self.batches = {w: AsyncBatches(run.n_train, engine.size, w, cfg.train.batch_size, cfg.seed, run.spe,
-                                        run.async_epochs) for w in range(engine.size)}
+        self.batches = {w: AsyncBatches(consts.n_train, engine.size, w, cfg.train.batch_size, cfg.seed,
+                                        consts.steps_per_epoch, consts.async_epochs) for w in range(engine.size)}
         s = saved or {}
         self.limit = {w: int(s.get("limit", {}).get(str(w), len(self.batches[w]))) for w in self.workers}
         self.replied = {w: int(s.get("replied", {}).get(str(w), -1)) for w in self.workers}
-        self.own = int(s.get("own", 0))
+        self.own_next = int(s.get("own", 0))  # index of rank 0's next own batch
         self.epoch = int(s.get("server_epoch", 0))
         self.updates = int(s.get("updates", 0))
-        self.totals = dict(s.get("totals") or {"worker": 0, "own": 0, "taken": 0, "stale": 0, "dropped": 0})
-        self.last_idx: np.ndarray | None = None  # the last batch applied (RigL's refresh)
-        self.done: list[int] = []  # workers waiting for FINAL
+        self.totals = PhaseTotals(**(s.get("totals") or {}))
+        self.awaiting_final: list[int] = []  # workers that said DONE
         self.held: set[int] = set()
         self.holding = False
         self.worker_stop = False
@@ -72,24 +92,27 @@ class Server:
 
     def _reset_epoch(self, sums: list[float] | None = None) -> None:
         self.t_epoch = time.perf_counter()
-        self.sums = dict(zip(_SUMS, sums or [0.0] * len(_SUMS)))
+        self.sums = EpochSums(*(sums or ()))
         self.e_bytes = self.endpoint.bytes_sent + self.endpoint.bytes_received
         self.e_wait = self.endpoint.poller.wait_seconds
 
     def state(self) -> dict[str, Any]:
         """The ``async`` part of a checkpoint's schedule state (JSON)."""
-        return {"own": self.own, "server_epoch": self.epoch, "updates": self.updates,
+        return {"own": self.own_next, "server_epoch": self.epoch, "updates": self.updates,
                 "replied": {str(w): r for w, r in self.replied.items()},
                 "limit": {str(w): n for w, n in self.limit.items()},
-                "epoch_sums": [self.sums[k] for k in _SUMS], "totals": self.totals}
+                "epoch_sums": list(astuple(self.sums)), "totals": asdict(self.totals)}
 
     # ------------------------------------------------------------------ updates
-    def own_step(self, step: int, idx: np.ndarray, rank: int = 0) -> None:
-        """One fused training step on the master model (rank: whose batch it is, for dropout)."""
-        batch = self.e.data.train_batch(idx, self.cfg.seed, step // self.run.spe)
-        r = self.model.train_step(*batch, self.run.sgd, dropout_key(self.cfg.seed, step, rank, 0))
-        self.last_idx = idx
-        self.totals["own" if rank == 0 else "taken"] += 1
+    def own_step(self, step: int, idx: np.ndarray, owner: int = 0) -> None:
+        """One training step on the master model, of the batch ``idx`` of ``owner``'s
+        sequence (its dropout masks are the owner's)."""
+        r = self.e.train_batch(idx, step // self.consts.steps_per_epoch, step, self.consts.sgd, owner)
+        assert r is not None  # AsyncBatches holds non-empty batches only
+        if owner == 0:
+            self.totals.own += 1
+        else:
+            self.totals.taken += 1
         self._count(r.loss_sum, r.correct, r.count)
 
     def take_over(self) -> bool:
@@ -101,7 +124,7 @@ class Server:
             return False
         self.limit[w] -= 1
         _, step, idx = self.batches[w][self.limit[w]]
-        self.own_step(step, idx, rank=w)
+        self.own_step(step, idx, owner=w)
         return True
 
     def worker_step(self, msg: wp.Message) -> None:
@@ -115,15 +138,15 @@ class Server:
                                    f"{self.worker_versions[w]}; this is a bug")
         grads = self._aligned(h, msg.floats)
         if grads is None:
-            self.sums["dropped"] += 1
-            self.totals["dropped"] += 1
+            self.sums.dropped += 1
+            self.totals.dropped += 1
         else:
-            sgd = self.run.sgd
+            sgd = self.consts.sgd
             for layer, (gw, gb) in zip(self.model.layers, grads):
                 sgd.apply_(layer.weight.data, layer.w_velocity, gw)
                 sgd.apply_(layer.bias, layer.b_velocity, gb)
-        self.last_idx = self.batches[w][h.item][2]
-        self.totals["worker"] += 1
+        self.e.last_batch = self.batches[w][h.item][2]  # RigL's refresh: the last batch applied
+        self.totals.worker += 1
         self._count(h.loss_sum, h.correct, h.count)
 
     def _aligned(self, h: wp.Header, floats: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]] | None:
@@ -137,8 +160,8 @@ class Server:
                 raise wp.ProtocolError(f"no record of topology version {h.version}; this is a bug")
             if any(o[0] != c[1:] for o, c in zip(old, cur)):
                 return None
-            self.sums["stale"] += 1
-            self.totals["stale"] += 1
+            self.sums.stale += 1
+            self.totals.stale += 1
         elif [tuple(s) for s in h.shapes] != cur:
             raise wp.ProtocolError(f"gradient shapes {h.shapes} do not match the model {cur}; this is a bug")
         out, pos = [], 0
@@ -166,16 +189,16 @@ class Server:
 
     def _count(self, loss_sum: float, correct: int, count: int) -> None:
         s = self.sums
-        s["loss"] += loss_sum
-        s["count"] += count
+        s.loss += loss_sum
+        s.count += count
         if correct >= 0:
-            s["correct"] += correct
-            s["known"] += count
+            s.correct += correct
+            s.known += count
         self.updates += 1
-        s["updates"] += 1
+        s.updates += 1
         p = self.e.progress
-        p.step, p.step_in_epoch = self.updates, int(s["updates"])
-        if self.updates % self.run.upe == 0:
+        p.step, p.step_in_epoch = self.updates, int(s.updates)
+        if self.updates % self.consts.updates_per_epoch == 0:
             self._end_epoch()
 
     # ------------------------------------------------------------------ replies
@@ -201,67 +224,50 @@ class Server:
 
     # ------------------------------------------------------------ server epochs
     def _end_epoch(self) -> None:
-        e, cfg, model, p = self.e, self.cfg, self.model, self.e.progress
+        e, model = self.e, self.model
         t_train = time.perf_counter() - self.t_epoch
         pattern = [(l.shape, l.weight.indptr, l.weight.indices) for l in model.layers]
-        last = None if self.last_idx is None else (e.data.x_train[self.last_idx], e.data.y_train[self.last_idx])
-        update = e.update_topology(model, self.epoch, p.evolutions, last, who="server ")
-        if update.evolved:
-            p.evolutions += 1
+        update = e.update_topology(model, self.epoch, who="server")
         if update.changed:
             self.patterns[self.version] = pattern
             self.version += 1
             self.maps.clear()
             self._forget_versions()
-        test_loss, test_acc = e.evaluate(model, pc.self_comm())
         s = self.sums
         traffic = self.endpoint.bytes_sent + self.endpoint.bytes_received - self.e_bytes
+        figures = AsyncFigures(int(s.updates), int(s.stale), int(s.dropped),
+                               (self.endpoint.poller.wait_seconds - self.e_wait) / max(t_train, 1e-9),
+                               traffic / max(s.updates, 1))
+        # train_accuracy only if every update reported its hits (one rank: all own steps)
+        e.close_epoch(self.epoch, (s.loss, s.correct if s.known == s.count else None, s.count),
+                      e.evaluate(model, pc.self_comm()), self.t_epoch, t_train, t_train, update, shared=False,
+                      phase="async", asynchronous=figures)
         self.epoch += 1
-        p.epoch, p.step_in_epoch = self.epoch, 0
-        rec: dict[str, Any] = {
-            "epoch": self.epoch, "step": p.step, "phase": "async", "train_loss": s["loss"] / max(s["count"], 1),
-            "test_loss": test_loss, "test_accuracy": test_acc, "nnz": model.nnz, "neurons": model.hidden_neurons,
-            "widths": list(model.widths), "epoch_seconds": time.perf_counter() - self.t_epoch,
-            "train_seconds": t_train, "evolve_seconds": update.evolve_seconds,
-            "samples_per_second": s["count"] / max(t_train, 1e-9), "ranks": e.size,
-            "updates": int(s["updates"]), "stale_updates": int(s["stale"]), "dropped_updates": int(s["dropped"]),
-            "server_wait_share": (self.endpoint.poller.wait_seconds - self.e_wait) / max(t_train, 1e-9),
-            "bytes_per_update": traffic / max(s["updates"], 1),
-        }
-        if s["known"] == s["count"]:  # every update reported its hits (one rank: all own steps)
-            rec["train_accuracy"] = s["correct"] / max(s["count"], 1)
         self._reset_epoch()
-        e.record_epoch(rec, phase="async", every_rank=False,
-                       details=f", {rec['updates']} updates, {rec['stale_updates']} stale, "
-                               f"{rec['dropped_updates']} dropped")
 
-    # ---------------------------------------------------------------- checkpoints
-    def checkpoint_due(self) -> bool:
-        e = self.e
-        return self.worker_stop or e.stop.requested or e.save_steps_due() or e.save_time_due()
-
+    # ------------------------------------------------------------------ meetings
     def hold(self) -> None:
-        """Begin a checkpoint: no more training here; workers waiting for FINAL are held at once,
+        """Begin a meeting: no more training here; workers waiting for FINAL are held at once,
         the others with the reply to their next gradient."""
         self.holding = True
-        for w in self.done:
+        for w in self.awaiting_final:
             self.reply(w, wp.HOLD)
-            self.endpoint.expect(w)  # it says DONE again after the snapshot
+            self.endpoint.expect(w)  # it says DONE again after the meeting
             self.held.add(w)
-        self.done.clear()
+        self.awaiting_final.clear()
 
-    def snapshot(self) -> int:
-        """Every worker is held: write the checkpoint with them; EXIT_REQUEUE to stop, else 0."""
+    def meet(self) -> int | None:
+        """Every worker is held: the snapshot (:func:`.snapshot.snapshot`); the engine's
+        verdict (None: go on)."""
         self.endpoint.complete_replies()
-        stop = self.worker_stop or self.e.stop.requested
-        server_snapshot(self.e, self.run, stop, self.version, self.state())
-        if stop:
+        status, _ = snapshot(self.e, self.consts, self.version, self.state())
+        if status is not None:
             self.endpoint.cancel()
-            return EXIT_REQUEUE
-        self.holding, self.held = False, set()
+            return status
+        self.holding, self.held, self.worker_stop = False, set(), False
         self.worker_versions = {w: (self.version, self.version) for w in self.workers}  # they hold it all now
         self._forget_versions()
-        return 0
+        return None
 
     # ------------------------------------------------------------------ the loop
     def serve(self) -> bool:
@@ -282,13 +288,13 @@ class Server:
                 self.endpoint.expect(msg.source)
                 self.held.add(msg.source)
             else:
-                self.done.append(msg.source)
+                self.awaiting_final.append(msg.source)
         return served
 
     def run_phase(self) -> int:
         """Serve workers and train on rank 0's own block; then take over the tail of slow
         workers' blocks; when every worker is done, send each the FINAL model. Returns 0, or
-        EXIT_REQUEUE after a stop with a checkpoint."""
+        the engine's status after a meeting that ended the run (a stop)."""
         poller = self.endpoint.poller
         sleep = poller.min_sleep
         own = self.batches[0]
@@ -296,17 +302,18 @@ class Server:
             served = self.serve()
             if self.holding:
                 if self.held == set(self.workers):
-                    if self.snapshot():
-                        return EXIT_REQUEUE
+                    status = self.meet()
+                    if status is not None:
+                        return status
                     continue
                 sleep = poller.min_sleep if served else poller.idle(sleep)
                 continue
-            if self.checkpoint_due():
+            if self.e.meeting_wanted(self.worker_stop):
                 self.hold()
                 continue
-            if self.own < len(own):
-                _, step, idx = own[self.own]
-                self.own += 1
+            if self.own_next < len(own):
+                _, step, idx = own[self.own_next]
+                self.own_next += 1
                 self.own_step(step, idx)
                 continue
             if self.take_over():
@@ -314,10 +321,10 @@ class Server:
             if self.endpoint.listening == 0:
                 break
             sleep = poller.min_sleep if served else poller.idle(sleep)
-        if self.epoch != self.run.async_epochs:
+        if self.epoch != self.consts.async_epochs:
             raise wp.ProtocolError(f"the asynchronous phase ended after {self.updates} updates, {self.epoch} server "
-                                   f"epochs instead of {self.run.async_epochs}; this is a bug")
-        for w in sorted(self.done):
+                                   f"epochs instead of {self.consts.async_epochs}; this is a bug")
+        for w in sorted(self.awaiting_final):
             self.reply(w, wp.FINAL)
         self.endpoint.close()  # completes every reply (FINAL included) and checks that all said DONE
         return 0

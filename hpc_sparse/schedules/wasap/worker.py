@@ -1,5 +1,6 @@
 """A worker (rank >= 1) in WASAP-SGD's asynchronous phase: gradient out, model in, per batch;
-then DONE -> FINAL. A HOLD reply means: a checkpoint (and maybe a stop) follows.
+then DONE -> FINAL. A HOLD reply means: the ranks meet (:func:`.snapshot.snapshot`), where
+the engine decides on a checkpoint and a stop.
 
 Pipelined: while the server handles gradient k, the worker computes gradient k+1 on the
 model it holds, then installs the reply to k. This hides the server's latency (it is busy
@@ -17,27 +18,27 @@ import numpy as np
 from hpc_sparse.data import AsyncBatches
 from hpc_sparse.engine import Engine
 from hpc_sparse.parallel import wasap as wp
-from hpc_sparse.runtime.signals import EXIT_REQUEUE
 from hpc_sparse.schedules.wasap.codec import install, model_shapes
-from hpc_sparse.schedules.wasap.snapshot import WasapRun, worker_snapshot
+from hpc_sparse.schedules.wasap.snapshot import WasapConstants, snapshot
 from hpc_sparse.sparse import dropout_key
 
 
 class Worker:
     """One worker's side of phase 1, from batch ``start`` (a resume) below ``limit``."""
 
-    def __init__(self, engine: Engine, run: WasapRun, start: int, limit: int | None) -> None:
-        self.e, self.run = engine, run
+    def __init__(self, engine: Engine, consts: WasapConstants, start: int, limit: int | None) -> None:
+        self.e, self.consts = engine, consts
         cfg = engine.cfg
         self.endpoint = wp.WorkerEndpoint(engine.comm, len(engine.model.layers))
-        self.batches = AsyncBatches(run.n_train, engine.size, engine.rank, cfg.train.batch_size, cfg.seed, run.spe,
-                                    run.async_epochs)
+        self.batches = AsyncBatches(consts.n_train, engine.size, engine.rank, cfg.train.batch_size, cfg.seed,
+                                    consts.steps_per_epoch, consts.async_epochs)
         self.item = start
         self.limit = len(self.batches) if limit is None else limit
         self.version = 0
         self.t_compute = 0.0
 
     def _flags(self) -> int:
+        """FLAG_STOP once this rank was asked to stop: the server then calls the ranks to meet."""
         return wp.FLAG_STOP if self.e.stop.requested else 0
 
     def compute(self, item: int) -> tuple[wp.Header, np.ndarray]:
@@ -71,11 +72,11 @@ class Worker:
                                        f"(limit {self.limit}); this is a bug")
             install(self.e.model, msg.header, msg.floats, msg.ints)
             self.version = msg.header.version
-        return ep.done(self.run.async_epochs * self.run.spe, self._flags())
+        return ep.done(self.consts.async_epochs * self.consts.steps_per_epoch, self._flags())
 
     def run_phase(self) -> int:
-        """The worker's asynchronous phase; 0 once it holds the FINAL model, or EXIT_REQUEUE
-        after a snapshot that decided to stop."""
+        """The worker's asynchronous phase; 0 once it holds the FINAL model, or the engine's
+        status after a meeting that ended the run (a stop)."""
         while True:
             msg = self._pass()
             if msg.header.kind == wp.FINAL:
@@ -84,9 +85,9 @@ class Worker:
             if msg.header.kind != wp.HOLD:
                 raise wp.ProtocolError(f"rank {self.e.rank} expected FINAL or HOLD, got {msg.header.kind_name}; "
                                        "this is a bug")
-            stop, self.version = worker_snapshot(self.e, self.run)
-            if stop:
-                return EXIT_REQUEUE
+            status, self.version = snapshot(self.e, self.consts)
+            if status is not None:
+                return status
 
     def stats(self) -> np.ndarray:
         """(compute seconds, wait seconds, bytes moved) of this worker."""
