@@ -97,11 +97,17 @@ class TrainConfig:
     threads: int = _f(0, "compute threads per rank; 0 = cores on the node / ranks on the node "
                          "(HPC_SPARSE_THREADS overrides)", min=0)
     max_steps: int = _f(0, "stop after this many steps in total (0 = no limit); for smoke tests", min=0)
-    batch_chunk: int = _f(0, "cache blocking: samples per kernel pass (0 = the whole batch; fewer is "
-                             "rounded down to a multiple of 16)", min=0)
-    block_columns: int = _f(0, "cache blocking: output columns per block (0 = automatic: a block's "
-                               "rows fill a quarter of the last-level cache, with at least 2 entries "
-                               "per input row and block on average)", min=0)
+    batch_chunk: int = _f(0, "cache blocking: samples per kernel pass (0 = automatic, see block_columns; "
+                             "fewer than the batch is rounded down to a multiple of 16)", min=0)
+    block_columns: int = _f(0, "cache blocking: output columns per block, forward and backward pass "
+                               "(0 = automatic: the traffic model of sparse/blocking.py chooses the chunk "
+                               "and each pass's blocks, with at least 2 entries per input row and block "
+                               "on average)", min=0)
+    activation_dtype: str = _f("float32", "how activations, pre-activations and deltas are stored between "
+                                          "the kernels: float32 | bfloat16 (half the bytes per gathered or "
+                                          "streamed row; every product and sum is still accumulated in "
+                                          "float32, and weights, momentum, biases and checkpoints stay float32)",
+                               choices=("float32", "bfloat16"))
 
 
 @dataclass

@@ -63,8 +63,10 @@ def build_model(cfg: Config) -> SparseMLP:
 
 
 def _with_blocking(cfg: Config, model: SparseMLP) -> SparseMLP:
-    """Apply the config's cache blocking overrides (``train.batch_chunk``, ``train.block_columns``)."""
+    """Apply the config's kernel settings: the cache blocking overrides (``train.batch_chunk``,
+    ``train.block_columns``) and the activation storage (``train.activation_dtype``)."""
     model.configure_blocking(cfg.train.batch_chunk, cfg.train.block_columns)
+    model.set_activation_dtype(cfg.train.activation_dtype)
     return model
 
 

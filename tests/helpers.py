@@ -44,15 +44,10 @@ def dense_loss(model: SparseMLP, x: np.ndarray, y: np.ndarray, weights=None, bia
 
 
 def dropout_keep_reference(key: np.uint64, shape: tuple[int, int], p: float) -> np.ndarray:
-    """numpy reference of the kernels' dropout mask: element e of a (width, B) array is kept
-    when the top 32 bits of splitmix64(key + e * golden) are >= p * 2**32 (uint8)."""
-    e = np.arange(int(np.prod(shape)), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        x = np.uint64(key) + e * np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return ((x >> np.uint64(32)) >= np.uint64(int(p * 2 ** 32))).astype(np.uint8).reshape(shape)
+    """numpy reference of the kernels' dropout mask (uint8): :func:`activations.dropout_keep_mask`."""
+    from hpc_sparse.sparse.activations import dropout_keep_mask
+
+    return dropout_keep_mask(key, shape, p).astype(np.uint8)
 
 
 class StopWhen:

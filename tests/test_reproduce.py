@@ -33,14 +33,14 @@ def test_the_importance_schedule_scales_with_the_run_length():
 
 def test_plan_shares_the_base_setting_between_studies():
     plan = make_plan(FMNIST, 10, [1, 2, 3], list(studies(10)))
-    # 4 parallel + 2 activation + 2 topology + 2 importance + 3 density + 4 structure cells are not
-    # the base setting
-    assert len(plan.runs) == 3 * (4 + 2 + 2 + 2 + 3 + 4)
+    # 4 parallel + 2 activation + 2 topology + 2 importance + 3 density + 4 structure + 1 precision
+    # cells are not the base setting
+    assert len(plan.runs) == 3 * (4 + 2 + 2 + 2 + 3 + 4 + 1)
     base = next(r for r in plan.runs if r.ranks == 1 and r.sets == ("seed=1", "train.epochs=10"))
     served = {(s, c.label) for s, c, _ in plan.serves[base]}
     assert served == {("parallel", "sequential (1 rank)"), ("activation", "All-ReLU"),
                       ("topology", "SET (random regrowth)"), ("importance", "pruning off"), ("density", "epsilon 20"),
-                      ("structure", "unstructured")}
+                      ("structure", "unstructured"), ("precision", "float32")}
     assert base.exclusive  # the parallel and importance studies report its time per epoch
 
 

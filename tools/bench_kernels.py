@@ -67,20 +67,20 @@ class HpcOps:
         self.model = model
         self.buf = model._bufs(batch)  # the buffers of the product's last step at this batch
 
-    def _layer(self, l: int) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+    def _layer(self, l: int, forward: bool = False) -> tuple[Any, Any, np.ndarray, np.ndarray]:
         import numba
 
         layer, plan = self.model.layers[l], self.buf.plans[l]
-        bounds, seg = layer.part_index(plan.n_blocks, numba.get_num_threads())
+        bounds, seg = layer.part_index(plan.forward_blocks if forward else plan.n_blocks, numba.get_num_threads())
         return layer, plan, bounds, seg
 
     def forward(self, l: int, a_in: np.ndarray, z: np.ndarray) -> None:
         """``z = W_l^T a_in + b_l`` as for the output layer (a_in (n_in, B), z (n_out, B))."""
         from hpc_sparse.sparse import kernels_forward as kf
 
-        layer, plan, bounds, seg = self._layer(l)
+        layer, plan, bounds, seg = self._layer(l, forward=True)
         w = layer.weight
-        kf.forward_linear(seg, bounds, plan.n_blocks, w.indices, w.data, a_in, layer.bias, plan.chunk, z)
+        kf.forward_linear(seg, bounds, plan.forward_blocks, w.indices, w.data, a_in, layer.bias, plan.chunk, z)
 
     def sddmm(self, l: int, delta: np.ndarray, a_prev: np.ndarray, grads: np.ndarray) -> None:
         """The weight gradient of a first layer, into ``grads`` (nnz,), as ``gradients()``."""
@@ -93,18 +93,20 @@ class HpcOps:
     def backward(self, l: int, delta: np.ndarray, out: np.ndarray, gbias: np.ndarray, data: np.ndarray,
                  velocity: np.ndarray, lr: float, momentum: float) -> None:
         """The fused backward + SGD step of hidden-input layer ``l`` on ``data`` and ``velocity``
-        (the layer's own arrays, or copies), reading the buffers of the step: a[l-1], z[l-1],
-        keep[l-1]; writes ``out`` (n_in, B) and ``gbias`` (n_in,)."""
+        (the layer's own arrays, or copies), reading the buffers of the step: a[l-1], zinfo[l-1]
+        (the sign bits of z) and the dropout key; writes ``out`` (n_in, B, float32, its own
+        accumulator) and ``gbias`` (n_in,)."""
         from hpc_sparse.sparse import kernels_backward as kb
 
         layer, plan, _, seg = self._layer(l)
         f, buf = self.model.activations[l - 1], self.buf
         use_dropout = self.model.dropout > 0
         scale = np.float32(1.0 / (1.0 - self.model.dropout)) if use_dropout else np.float32(1.0)
+        threshold = np.uint64(int(self.model.dropout * 2.0 ** 32)) if use_dropout else np.uint64(0)
+        key = buf.keys[l - 1] if use_dropout else np.uint64(0)
         kb.backward_act_sgd(seg, plan.n_blocks, layer.weight.indices, data, velocity, np.empty(0, np.float32),
-                            delta, buf.a[l - 1], buf.z[l - 1], buf.keep[l - 1], f.kind, np.float32(f.slope), scale,
-                            use_dropout, np.float32(lr), np.float32(momentum), np.float32(0.0), False, plan.chunk,
-                            out, gbias)
+                            delta, buf.a[l - 1], buf.zinfo[l - 1], f.kind, np.float32(f.slope), scale, key, threshold,
+                            np.float32(lr), np.float32(momentum), np.float32(0.0), False, plan.chunk, out, out, gbias)
 
 
 @dataclass
@@ -153,7 +155,7 @@ def build_case(width: int, epsilon: float, batch: int) -> Case:
     gbias = np.empty(width, np.float32)
     data, vel = layer1.weight.data.copy(), layer1.w_velocity.copy()
     ops.backward(1, buf.delta[1], out, gbias, data, vel, LR, MOMENTUM)
-    if not (same and np.array_equal(z, buf.z[1]) and np.array_equal(out, buf.delta[0])
+    if not (same and np.array_equal(z, buf.logits) and np.array_equal(out, buf.delta[0])
             and np.array_equal(data, stepped[0]) and np.array_equal(vel, stepped[1])):
         raise RuntimeError("bench_kernels: HpcOps no longer computes what SparseMLP.train_step/gradients compute; "
                            "bring HpcOps in tools/bench_kernels.py in step with hpc_sparse/sparse/mlp.py")
@@ -207,7 +209,11 @@ def expected(case: Case) -> dict[str, tuple]:
     buf = case.ops.buf
     abs1 = abs(w1).astype(np.float64)
     bias = case.model.layers[1].bias.astype(np.float64)[:, None]
-    d = case.model.activations[0].derivative(buf.z[0]).astype(np.float64) * buf.keep[0] / (1 - DROPOUT)
+    from hpc_sparse.sparse.activations import dropout_keep_mask
+
+    negative = np.unpackbits(buf.zinfo[0], axis=1, bitorder="little")[:, :case.batch].astype(bool)
+    d = (np.where(negative, case.model.activations[0].slope, 1.0)
+         * dropout_keep_mask(buf.keys[0], negative.shape, DROPOUT) / (1 - DROPOUT))
 
     def mag_sddmm(w: sp.csr_matrix, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return numpy_sddmm(csr_rows(w), w.indices, np.abs(a, dtype=np.float64), np.abs(b, dtype=np.float64),

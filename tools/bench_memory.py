@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     gc.collect()
     peak = bc.vm_hwm_bytes() if reset_ok else bc.peak_rss_bytes()
     held = bc.rss_bytes()
-    n_neurons = sum(widths)
-    act_bytes = n_neurons * args.batch * 13  # z, a, delta float32 + keep uint8 per neuron and sample
+    act_bytes = model._bufs(args.batch).nbytes()  # activations, deltas, sign bits, logits, kernel scratch
     weights_dense = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
     plans = model.blocking_plans(args.batch)
     arrays = sum(l.weight.data.nbytes + l.weight.indices.nbytes + l.weight.indptr.nbytes + l.w_velocity.nbytes
-                 + 2 * l.bias.nbytes + sum(a.nbytes for a in l.part_index(p.n_blocks, threads))
+                 + 2 * l.bias.nbytes
+                 + sum(a.nbytes for j in {p.forward_blocks, p.n_blocks} for a in l.part_index(j, threads))
                  for l, p in zip(model.layers, plans))
     bc.emit({
         "bench": "memory", "widths": widths, "epsilon": args.epsilon, "batch": args.batch, "threads": threads,

@@ -19,7 +19,9 @@ Every contender (hpc_sparse's ``SparseMLP.train_step``, the baselines, one triad
 GEMM) is timed in interleaved rounds and reported as a median, so that the machine's load
 moving during the run hits all of them alike; the ratios are the figures to trust.
 
-One JSON line per (workload, thread count)::
+Both activation dtypes (``train.activation_dtype``: float32 and bfloat16) are timed in the same
+interleaved rounds; the bfloat16 line carries ``speedup_vs_float32``, the ratio of the two.
+One JSON line per (workload, thread count, activation dtype)::
 
     python tools/bench_step.py --workloads A,B,C,D --threads 1,2 --repeats 20
 """
@@ -49,9 +51,10 @@ MASKED_DENSE_MAX_BYTES = 8 << 30
 
 
 # ------------------------------------------------------------------------ the bound
-def step_min_bytes(model, batch: int) -> float:
-    """DRAM bytes no execution of the step can avoid (``_bench_common.step_bound_bytes``)."""
-    return bc.model_bound_bytes(model, batch)
+def step_min_bytes(model, batch: int, act_bytes: int = 4) -> float:
+    """DRAM bytes no execution of the step can avoid (``_bench_common.step_bound_bytes``), with
+    activations and deltas stored at ``act_bytes`` per element (float32 4, bfloat16 2)."""
+    return bc.model_bound_bytes(model, batch, act_bytes)
 
 
 def step_flops(model, batch: int) -> int:
@@ -212,7 +215,9 @@ def scipy_step(model, x, y):
 
 
 # ------------------------------------------------------------------------ driver
-def run(name: str, threads: int, repeats: int, skip_dense: bool) -> dict:
+def run(name: str, threads: int, repeats: int, skip_dense: bool, dtypes: list[str]) -> list[dict]:
+    """One record per activation dtype; the baselines, the triad and the GEMM are timed once,
+    interleaved with every dtype's step, and shared by the records."""
     spec = WORKLOADS[name]
     widths, batch = spec["widths"], spec["batch"]
     if spec["density"] is not None:
@@ -220,21 +225,24 @@ def run(name: str, threads: int, repeats: int, skip_dense: bool) -> dict:
     else:
         eps = spec["epsilon"]
     bc.set_threads(threads)
-    model = bc.build_mlp(widths, eps, seed=0, alpha=ALPHA, dropout=DROPOUT)
+    models = {}
+    for dt in dtypes:  # the same network (same seed) once per dtype, so each keeps its own buffers
+        models[dt] = bc.build_mlp(widths, eps, seed=0, alpha=ALPHA, dropout=DROPOUT)
+        models[dt].set_activation_dtype(dt)
+    model = models[dtypes[0]]
     rng = np.random.default_rng(1)
     x = rng.standard_normal((batch, widths[0]), dtype=np.float32)
     y = rng.integers(0, widths[-1], batch).astype(np.int64)
 
     bc.set_threads(threads)
-    flops, nbytes = step_flops(model, batch), step_min_bytes(model, batch)
+    flops = step_flops(model, batch)
 
     dense_weights = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
     dense_bytes = MASKED_DENSE_BYTES_PER_WEIGHT * dense_weights
-    rec: dict = {"workload": name, "widths": widths, "batch": batch, "threads": threads, "nnz": model.nnz}
     skip_reason = None
-    steps = {"hpc": hpc_step(model, x, y)}
+    steps = {f"hpc_{dt}": hpc_step(models[dt], x, y) for dt in dtypes}
     slow = max(3, repeats // 2)
-    counts = {"hpc": repeats}
+    counts = {f"hpc_{dt}": repeats for dt in dtypes}
     if skip_dense or spec["all_threads_only"] or dense_bytes > MASKED_DENSE_MAX_BYTES:
         skip_reason = (f"dense weights+mask+grad+momentum need {dense_bytes / 2**30:.1f} GiB "
                        f"({dense_weights:,} weights x {MASKED_DENSE_BYTES_PER_WEIGHT} B); not run")
@@ -251,40 +259,49 @@ def run(name: str, threads: int, repeats: int, skip_dense: bool) -> dict:
     counts["read"] = counts["triad"] = counts["gemm"] = repeats
     bc.set_threads(threads)
     med = bc.interleaved_median_ms(steps, counts)
-    ms, md, sc = med["hpc"], med.get("md"), med["scipy"]
+    md, sc = med.get("md"), med["scipy"]
     bound = {"stream_triad_GBps": 24e-6 * probe.n / med["triad"], "bound_GBps": probe.bound_bps() / 1e9,
              "gemm_peak_GFLOPps": gemm_flops / med["gemm"] / 1e6}
-    bound_ms = 1e3 * max(flops / (bound["gemm_peak_GFLOPps"] * 1e9), nbytes / (bound["bound_GBps"] * 1e9))
-    breakdown, per_phase = hpc_breakdown(model, steps["hpc"], ms, repeats)
-    rec["ms_per_step"] = ms
-    rec.update({
-        "masked_dense_ms_per_step": md,
-        "scipy_ms_per_step": sc,
-        "speedup_vs_masked_dense": (md / ms) if md else None,
-        "speedup_vs_scipy": sc / ms,
-        "bound_ms_per_step": bound_ms,
-        "x_bound": ms / bound_ms,
-        "compute_bound_ms_per_step": 1e3 * flops / (bound["gemm_peak_GFLOPps"] * 1e9),
-        "x_compute_bound": ms / (1e3 * flops / (bound["gemm_peak_GFLOPps"] * 1e9)),
-        "bound_kind": "compute" if flops / bound["gemm_peak_GFLOPps"] >= nbytes / bound["bound_GBps"]
-        else "bandwidth",
-        "min_flops": flops, "min_bytes": nbytes,
-        "gemm_peak_GFLOPps": bound["gemm_peak_GFLOPps"], "stream_triad_GBps": bound["stream_triad_GBps"],
-        "bound_GBps": bound["bound_GBps"],
-        "achieved_GFLOPps": flops / ms / 1e6,
-        "breakdown_ms": breakdown,
-        "breakdown_per_phase_ms": per_phase,
-        "blocking": [p.describe(batch) for p in model.blocking_plans(batch)],
-        "breakdown_note": "timed inside SparseMLP.train_step by its PhaseTimer hook: forward = fused scatter "
-                          "product+bias+activation+dropout kernels (input transpose included); backward = fused "
-                          "kernels of layers L-1..1 (gradient to the layer below + SDDMM + momentum update + bias "
-                          "gradient); sddmm_update = layer 0's SDDMM + momentum update and the bias updates; "
-                          "glue = step minus the parts (Python, dispatch)",
-        "dense_bytes": dense_bytes,
-    })
-    if md is None:
-        rec["masked_dense_skipped"] = skip_reason
-    return rec
+    records = []
+    for dt in dtypes:
+        nbytes = step_min_bytes(model, batch, 2 if dt == "bfloat16" else 4)
+        bound_ms = 1e3 * max(flops / (bound["gemm_peak_GFLOPps"] * 1e9), nbytes / (bound["bound_GBps"] * 1e9))
+        ms = med[f"hpc_{dt}"]
+        breakdown, per_phase = hpc_breakdown(models[dt], steps[f"hpc_{dt}"], ms, repeats)
+        rec: dict = {"workload": name, "widths": widths, "batch": batch, "threads": threads, "nnz": model.nnz,
+                     "activation_dtype": dt}
+        rec["ms_per_step"] = ms
+        rec.update({
+            "masked_dense_ms_per_step": md,
+            "scipy_ms_per_step": sc,
+            "speedup_vs_masked_dense": (md / ms) if md else None,
+            "speedup_vs_scipy": sc / ms,
+            "bound_ms_per_step": bound_ms,
+            "x_bound": ms / bound_ms,
+            "compute_bound_ms_per_step": 1e3 * flops / (bound["gemm_peak_GFLOPps"] * 1e9),
+            "x_compute_bound": ms / (1e3 * flops / (bound["gemm_peak_GFLOPps"] * 1e9)),
+            "bound_kind": "compute" if flops / bound["gemm_peak_GFLOPps"] >= nbytes / bound["bound_GBps"]
+            else "bandwidth",
+            "min_flops": flops, "min_bytes": nbytes,
+            "gemm_peak_GFLOPps": bound["gemm_peak_GFLOPps"], "stream_triad_GBps": bound["stream_triad_GBps"],
+            "bound_GBps": bound["bound_GBps"],
+            "achieved_GFLOPps": flops / ms / 1e6,
+            "breakdown_ms": breakdown,
+            "breakdown_per_phase_ms": per_phase,
+            "blocking": [p.describe(batch) for p in models[dt].blocking_plans(batch)],
+            "breakdown_note": "timed inside SparseMLP.train_step by its PhaseTimer hook: forward = fused scatter "
+                              "product+bias+activation+dropout kernels (input transpose included); backward = fused "
+                              "kernels of layers L-1..1 (gradient to the layer below + SDDMM + momentum update + bias "
+                              "gradient); sddmm_update = layer 0's SDDMM + momentum update and the bias updates; "
+                              "glue = step minus the parts (Python, dispatch)",
+            "dense_bytes": dense_bytes,
+        })
+        if dt != "float32" and "float32" in dtypes:
+            rec["speedup_vs_float32"] = med["hpc_float32"] / ms  # same run, interleaved
+        if md is None:
+            rec["masked_dense_skipped"] = skip_reason
+        records.append(rec)
+    return records
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,7 +310,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", default=None, help="comma list of thread counts (default: 1,all)")
     ap.add_argument("--repeats", type=int, default=20, help="timed steps per measurement (median)")
     ap.add_argument("--skip-dense", action="store_true", help="do not run the PyTorch masked-dense baseline")
+    ap.add_argument("--activation-dtypes", default="float32,bfloat16",
+                    help="comma list of train.activation_dtype values to time, side by side")
     args = ap.parse_args(argv)
+    dtypes = [d.strip() for d in args.activation_dtypes.split(",")]
     allt = bc.max_threads()
     threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, allt})
     for name in args.workloads.split(","):
@@ -301,9 +321,9 @@ def main(argv: list[str] | None = None) -> None:
         for t in threads:
             if WORKLOADS[name]["all_threads_only"] and t != allt:
                 continue
-            rec = run(name, t, args.repeats, args.skip_dense)
-            rec["machine"] = bc.machine_info()
-            bc.emit(rec)
+            for rec in run(name, t, args.repeats, args.skip_dense, dtypes):
+                rec["machine"] = bc.machine_info()
+                bc.emit(rec)
             gc.collect()
 
 

@@ -1,13 +1,19 @@
 """Cost per connection as layers widen: one training step of 784-W-W-10 (epsilon 20) per width.
 
-Every width's network is built first and their steps (and a STREAM triad pass) are timed in
-interleaved rounds, so the ratios between widths come from the same stretch of time. Prints
-one JSON line per width with ``width``, ``nnz``, ``batch``, ``threads``,
+Every width's network is built first, once per activation dtype (``train.activation_dtype``,
+float32 and bfloat16 by default), and their steps (and a STREAM triad pass) are timed in
+interleaved rounds, so the ratios between widths and dtypes come from the same stretch of time.
+Prints one JSON line per width and dtype with ``width``, ``activation_dtype``, ``nnz``, ``batch``,
+``threads``,
 ``ms_per_step`` (median of ``SparseMLP.train_step``), ``ns_per_connection``
 (``ms * threads * 1e6 / (nnz * batch)``: the time one thread spends per stored weight and
-sample), ``cost_growth`` (``ns_per_connection`` over the 1000-wide line of the same run),
+sample), ``cost_growth`` (``ns_per_connection`` over the 1000-wide line of the same run and dtype),
+``speedup_vs_float32`` on bfloat16 lines,
 ``traffic_bound_ms`` and ``x_traffic_bound`` (``ms_per_step / traffic_bound_ms``), plus the
-blocking the product chose and its phase breakdown.
+blocking the product chose, what its traffic model predicts for that plan (``predicted_bytes``:
+sequential DRAM bytes, ``predicted_row_bytes``: bytes of rows touched at random,
+``predicted_ms``: its time estimate, per thread divided by the thread count; see
+``hpc_sparse/sparse/blocking.py``) and the phase breakdown.
 
 The traffic bound is a lower bound on the time of the step: the DRAM bytes that no execution
 of the step can avoid (compulsory traffic given every cache of the machine), at the fastest
@@ -51,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=0, help="timed steps per width (0: by size, >= 3)")
+    ap.add_argument("--activation-dtypes", default="float32,bfloat16",
+                    help="comma list of train.activation_dtype values; each width is timed with each, interleaved")
     ap.add_argument("--plot", default=None, help="draw ns_per_connection against width into this PNG")
     ap.add_argument("--from", dest="from_jsonl", default=None,
                     help="with --plot: draw the lines of this earlier run's output instead of measuring")
@@ -70,22 +78,25 @@ def main(argv: list[str] | None = None) -> None:
     cache = last_level_cache_bytes()
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     budget = MEMORY_LIMIT_FRACTION * ram
-    runs = []  # every width's model is built first, so their steps can be timed in interleaved rounds
+    dtypes = [d.strip() for d in args.activation_dtypes.split(",")]
+    runs = []  # every width's models are built first, so their steps can be timed in interleaved rounds
     for w in [int(x) for x in args.widths.split(",")]:
         widths = [784, w, w, 10]
         batch = args.batch
         est_nnz = int(args.epsilon * (784 + 2 * w + w)) + 10 * w
         note = None
-        while step_bytes_estimate(widths, est_nnz, batch) > budget and batch > 16:
+        while len(dtypes) * step_bytes_estimate(widths, est_nnz, batch) > budget and batch > 16:
             batch //= 2
             note = f"batch lowered from {args.batch} to {batch} to fit in {ram / 2**30:.0f} GiB of RAM"
-        budget -= step_bytes_estimate(widths, est_nnz, batch)
-        model = bc.build_mlp(widths, args.epsilon, seed=0)
-        gc.collect()
+        budget -= len(dtypes) * step_bytes_estimate(widths, est_nnz, batch)
         rng = np.random.default_rng(0)
         x = rng.standard_normal((batch, 784), dtype=np.float32)
         y = rng.integers(0, 10, batch).astype(np.int64)
-        runs.append(dict(width=w, widths=widths, batch=batch, note=note, model=model, x=x, y=y))
+        for dt in dtypes:
+            model = bc.build_mlp(widths, args.epsilon, seed=0)
+            model.set_activation_dtype(dt)
+            gc.collect()
+            runs.append(dict(width=w, dtype=dt, widths=widths, batch=batch, note=note, model=model, x=x, y=y))
 
     def stepper(run: dict):
         sgd, counter, model = SGD(0.01, 0.9), [0], run["model"]
@@ -95,8 +106,11 @@ def main(argv: list[str] | None = None) -> None:
             model.train_step(run["x"], run["y"], sgd, dropout_key(0, counter[0], 0, 0))
         return step
 
-    steps = {str(r["width"]): stepper(r) for r in runs}
-    counts = {str(r["width"]): args.repeats or max(3, min(30, int(2e9 / max(r["model"].nnz * r["batch"], 1))))
+    def name(run: dict) -> str:
+        return f"{run['width']}/{run['dtype']}"
+
+    steps = {name(r): stepper(r) for r in runs}
+    counts = {name(r): args.repeats or max(3, min(30, int(2e9 / max(r["model"].nnz * r["batch"], 1))))
               for r in runs}
     probe = bc.BandwidthProbe()
     counts["read"] = counts["triad"] = max(counts.values())
@@ -105,34 +119,43 @@ def main(argv: list[str] | None = None) -> None:
     med = bc.interleaved_median_ms(steps, counts)
     bw = probe.bound_bps()
     onchip = bc.onchip_cache_bytes()
-    ref_ns = None
+    ref_ns: dict[str, float] = {}
     records = []
     for run in runs:
-        model, batch, w = run["model"], run["batch"], run["width"]
-        ms = med[str(w)]
+        model, batch, w, dt = run["model"], run["batch"], run["width"], run["dtype"]
+        ms = med[name(run)]
         timer = PhaseTimer()
         model.profile = timer
-        steps[str(w)]()
+        steps[name(run)]()
         model.profile = None
         phases = {k: round(1e3 * v, 3) for k, v in timer.by_kind().items()}
         nnz = model.nnz
         ns = ms * threads * 1e6 / (nnz * batch)
-        ref_ns = ref_ns if ref_ns is not None else (ns if w == 1000 else None)
-        bytes_needed = bc.model_bound_bytes(model, batch)
+        if w == 1000:
+            ref_ns[dt] = ns
+        bytes_needed = bc.model_bound_bytes(model, batch, act_bytes=2 if dt == "bfloat16" else 4)
         tb_ms = 1e3 * bytes_needed / bw
+        plans = model.blocking_plans(batch)
         rec = {
             "bench": "width", "width": w, "widths": run["widths"], "nnz": nnz, "batch": batch, "threads": threads,
+            "activation_dtype": dt,
             "ms_per_step": ms, "ns_per_connection": ns,
-            "cost_growth": (ns / ref_ns) if ref_ns else None,
+            "cost_growth": (ns / ref_ns[dt]) if dt in ref_ns else None,
             "traffic_bound_ms": tb_ms, "x_traffic_bound": (ms / tb_ms) if tb_ms > 0 else None,
             "bound_bytes": bytes_needed, "bound_GBps": bw / 1e9, "bound_cache_bytes": onchip,
             "stream_triad_GBps": 24e-6 * probe.n / med["triad"], "llc_bytes": cache,
-            "blocking": [p.describe(batch) for p in model.blocking_plans(batch)],
-            "phase_ms_one_step": phases, "repeats": counts[str(w)],
+            "blocking": [p.describe(batch) for p in plans],
+            # the plan's traffic model (sparse/blocking.py): what it predicts for this step
+            "predicted_bytes": sum(p.stream_bytes for p in plans),
+            "predicted_row_bytes": sum(p.row_bytes for p in plans),
+            "predicted_ms": 1e3 * sum(p.seconds for p in plans) / threads,
+            "phase_ms_one_step": phases, "repeats": counts[name(run)],
         }
+        if dt != "float32" and f"{w}/float32" in med:
+            rec["speedup_vs_float32"] = med[f"{w}/float32"] / ms
         if run["note"]:
             rec["note"] = run["note"]
-        if ref_ns is None:
+        if dt not in ref_ns:
             rec["cost_growth_note"] = "no 1000-wide line in this run"
         bc.emit(rec)
         records.append(rec)
@@ -160,14 +183,15 @@ def plot(records: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     records = sorted(records, key=lambda r: r["width"])
-    w = [r["width"] for r in records]
-    ns = [r["ns_per_connection"] for r in records]
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
-    ax.plot(w, ns, marker="o")
-    for r in records:
-        if r.get("cost_growth"):
-            ax.annotate(f"x{r['cost_growth']:.2f}", (r["width"], r["ns_per_connection"]),
-                        textcoords="offset points", xytext=(4, 6), fontsize=8)
+    for dt in sorted({r.get("activation_dtype", "float32") for r in records}, reverse=True):
+        mine = [r for r in records if r.get("activation_dtype", "float32") == dt]
+        ax.plot([r["width"] for r in mine], [r["ns_per_connection"] for r in mine], marker="o", label=dt)
+        for r in mine:
+            if r.get("cost_growth"):
+                ax.annotate(f"x{r['cost_growth']:.2f}", (r["width"], r["ns_per_connection"]),
+                            textcoords="offset points", xytext=(4, 6), fontsize=8)
+    ax.legend(title="activations", fontsize=8)
     ax.set_xscale("log")
     ax.set_ylim(bottom=0)
     ax.set_xlabel("hidden width W of 784-W-W-10 (epsilon 20)")

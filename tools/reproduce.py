@@ -8,6 +8,7 @@ Studies (``--studies``, default all):
   importance  importance pruning on/off, the paper's schedule scaled to the run's length
   density     epsilon 5, 10, 20, 40
   structure   unstructured vs N:M vs transposable N:M (2:4 and 1:16) at the same nnz
+  precision   float32 vs bfloat16 activations (train.activation_dtype)
 
 Profiles (exactly one):
   --quick         run every study here on Fashion-MNIST (10 epochs, 3 seeds; about 15-30 min on

@@ -85,4 +85,18 @@ def dropout_key(seed: int, step: int, rank: int, layer: int) -> np.uint64:
         x ^= x >> 31
     return np.uint64(x)
 
-__all__ = ["Activation", "KIND_PIECEWISE", "KIND_SIGMOID", "KIND_TANH", "dropout_key", "hidden_activations"]
+def dropout_keep_mask(key: np.uint64, shape: tuple[int, ...], p: float) -> np.ndarray:
+    """numpy reference of the kernels' dropout mask for one layer's ``(width, B)`` array: element
+    e (row-major) is kept when the top 32 bits of splitmix64(key + e * golden) are >= p * 2**32.
+    bool, of ``shape``."""
+    e = np.arange(int(np.prod(shape)), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = np.uint64(key) + e * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return ((x >> np.uint64(32)) >= np.uint64(int(p * 2 ** 32))).reshape(shape)
+
+
+__all__ = ["Activation", "KIND_PIECEWISE", "KIND_SIGMOID", "KIND_TANH", "dropout_keep_mask", "dropout_key",
+           "hidden_activations"]

@@ -10,12 +10,14 @@ stored entry of each part. Indices are sorted within rows, so each part's entrie
 are one contiguous run ``seg[p, i] .. seg[p + 1, i]``.
 
 numba's on-disk cache only notices edits to the file that defines a kernel, so every
-kernel here uses only helpers defined in this file.
+kernel here uses only helpers defined in this file and in :mod:`kernels_elementwise`.
 """
 
 from __future__ import annotations
 
 from numba import njit, prange
+
+from hpc_sparse.sparse.kernels_elementwise import stored
 
 _OPTS = dict(cache=True, nogil=True, boundscheck=False)
 
@@ -40,9 +42,10 @@ def part_pointers(indptr, indices, bounds, seg):  # pragma: no cover - numba
 
 @njit(**_OPTS)
 def transpose_into(x, out):  # pragma: no cover - numba
-    """out[f, b] = x[b, f]: a sample-major batch (B, n) into the feature-major (n, B) input
-    buffer, in blocks of 64 features (each block's output lines stay in L1 across the
-    batch). Serial: it is a small copy, not worth a parallel launch."""
+    """out[f, b] = x[b, f]: a sample-major float32 batch (B, n) into the feature-major (n, B)
+    input buffer (float32, or bfloat16 bits rounded to nearest even), in blocks of 64 features
+    (each block's output lines stay in L1 across the batch). Serial: it is a small copy, not
+    worth a parallel launch."""
     nb, n = x.shape
     nblk = (n + 63) // 64
     for blk in range(nblk):
@@ -51,4 +54,4 @@ def transpose_into(x, out):  # pragma: no cover - numba
         for b in range(nb):
             xr = x[b]
             for f in range(f0, f1):
-                out[f, b] = xr[f]
+                out[f, b] = stored(xr[f], out)

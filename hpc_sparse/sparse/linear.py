@@ -44,7 +44,8 @@ class SparseLinear:
     """A truly sparse fully-connected layer: ``z = a @ weight + bias`` for a batch ``a`` of
     shape (B, n_in).
 
-    The kernels also need, per row, where each column part starts (:meth:`part_index`); it
+    The kernels also need, per row, where each column part starts (:meth:`part_index`, one
+    index per block count in use: the forward and backward passes may block differently); it
     is derived from the CSR index on first use and dropped when the topology changes.
 
     Attributes
@@ -85,25 +86,29 @@ class SparseLinear:
             self.w_velocity = np.ascontiguousarray(w_velocity, np.float32).copy()
         if self.bias.shape[0] != self.weight.shape[1]:
             raise ValueError(f"bias has {self.bias.shape[0]} entries for {self.weight.shape[1]} outputs")
-        self._parts: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+        self._parts: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def part_index(self, n_blocks: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
         """Column parts for the kernels: ``n_blocks`` column blocks balanced by nnz, each split
         into ``threads`` parts (:func:`blocking.part_bounds`).
 
         Returns ``bounds (n_parts + 1,)`` int64 and ``seg (n_parts + 1, n_in)``, where row i's
-        entries in part p are ``seg[p, i] .. seg[p + 1, i]``; cached until :meth:`set_weight`.
-        O(nnz + n_in * n_parts) to build.
+        entries in part p are ``seg[p, i] .. seg[p + 1, i]``; cached until :meth:`set_weight`
+        (the two most recently used block counts). O(nnz + n_in * n_parts) to build.
         """
         key = (n_blocks, threads)
-        if self._parts is None or self._parts[0] != key:
+        found = self._parts.pop(key, None)
+        if found is None:
             w = self.weight
             counts = np.bincount(w.indices, minlength=w.shape[1])
             bounds = part_bounds(counts, n_blocks, threads)
             seg = np.empty((bounds.size, w.shape[0]), w.indices.dtype)
             part_pointers(w.indptr, w.indices, bounds, seg)
-            self._parts = (key, bounds, seg)
-        return self._parts[1], self._parts[2]
+            found = (bounds, seg)
+            while len(self._parts) >= 2:
+                self._parts.pop(next(iter(self._parts)))
+        self._parts[key] = found  # most recently used last
+        return found
 
     def fingerprint(self, h: "hashlib._Hash") -> None:
         """Feed the canonical byte form into ``h``: shape, indptr and indices as little-endian

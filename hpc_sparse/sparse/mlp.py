@@ -22,6 +22,7 @@ from hpc_sparse.sparse import kernels_backward as kb
 from hpc_sparse.sparse import kernels_forward as kf
 from hpc_sparse.sparse.blocking import LayerPlan, last_level_cache_bytes, plan_layer
 from hpc_sparse.sparse.buffers import Buffers
+from hpc_sparse.sparse.kernels_elementwise import ACTIVATION_DTYPES, as_float32, to_bfloat16
 from hpc_sparse.sparse.kernels_layout import transpose_into
 from hpc_sparse.sparse.linear import SparseLinear
 from hpc_sparse.sparse.loss import softmax_xent
@@ -51,15 +52,22 @@ class SparseMLP:
         One per hidden layer (``len(layers) - 1``).
     dropout : float
         Inverted-dropout rate on hidden outputs during training.
+    activation_dtype : str
+        ``"float32"`` or ``"bfloat16"``: how activations, pre-activations and deltas are stored
+        between kernels (:mod:`kernels_elementwise`); weights, momentum and biases are float32
+        either way, and every product and sum is accumulated in float32.
     """
 
-    def __init__(self, layers: list[SparseLinear], activations: list[act.Activation], dropout: float = 0.0) -> None:
+    def __init__(self, layers: list[SparseLinear], activations: list[act.Activation], dropout: float = 0.0,
+                 activation_dtype: str = "float32") -> None:
         if len(activations) != len(layers) - 1:
             raise ValueError(f"{len(layers)} layers need {len(layers) - 1} hidden activations")
         self.layers = layers
         self.activations = activations
         self.dropout = float(dropout)
         self._buffers: dict[int, Buffers] = {}
+        self.activation_dtype = "float32"
+        self.set_activation_dtype(activation_dtype)
         self._last_train_batch = 0
         self._blocking = (0, 0, 0)  # batch_chunk, block_columns, cache_bytes (0 = automatic)
         self.profile: PhaseTimer | None = None
@@ -92,6 +100,14 @@ class SparseMLP:
         """Drop cached buffers after widths changed (importance pruning)."""
         self._buffers.clear()
 
+    def set_activation_dtype(self, name: str) -> None:
+        """Store activations and deltas as ``"float32"`` or ``"bfloat16"`` from the next step on."""
+        if name not in ACTIVATION_DTYPES:
+            raise ValueError(f"activation dtype {name!r} is not one of {sorted(ACTIVATION_DTYPES)}")
+        if name != self.activation_dtype:
+            self._buffers.clear()
+        self.activation_dtype = name
+
     def configure_blocking(self, batch_chunk: int = 0, block_columns: int = 0, cache_bytes: int = 0) -> None:
         """Override the automatic cache blocking (:func:`blocking.plan_layer`); 0 keeps a setting
         automatic. ``cache_bytes`` replaces the last-level cache size read from the machine."""
@@ -101,7 +117,10 @@ class SparseMLP:
         """Each layer's cache blocking at ``batch`` samples."""
         chunk, cols, cache = self._blocking
         cache = cache or last_level_cache_bytes()
-        return [plan_layer(l.shape[0], l.shape[1], l.nnz, batch, cache, chunk, cols) for l in self.layers]
+        elem = np.dtype(ACTIVATION_DTYPES[self.activation_dtype]).itemsize
+        last = len(self.layers) - 1
+        return [plan_layer(l.shape[0], l.shape[1], l.nnz, batch, cache, chunk, cols, elem, k == 0, k == last)
+                for k, l in enumerate(self.layers)]
 
     def _bufs(self, batch: int) -> Buffers:
         buf = self._buffers.get(batch)
@@ -109,7 +128,8 @@ class SparseMLP:
             # keep at most the training and the evaluation batch sizes alive
             if len(self._buffers) >= 3:
                 self._buffers.clear()
-            buf = self._buffers[batch] = Buffers(batch, self.widths)
+            buf = self._buffers[batch] = Buffers(batch, self.widths, ACTIVATION_DTYPES[self.activation_dtype],
+                                                 tuple(f.kind for f in self.activations))
         return buf
 
     # ------------------------------------------------------------------- compute
@@ -117,8 +137,8 @@ class SparseMLP:
         """Run the network on x (B, n_in); returns the logits buffer (C, B)."""
         prof = self.profile
         t0 = time.perf_counter() if prof is not None else 0.0
-        if x.size >= 1 << 18 and x.dtype == np.float32 and x.flags.c_contiguous:
-            transpose_into(x, buf.x)  # blocked; numpy's strided copy is slow here
+        if buf.x.dtype != np.float32 or (x.size >= 1 << 18 and x.dtype == np.float32 and x.flags.c_contiguous):
+            transpose_into(np.ascontiguousarray(x, np.float32), buf.x)  # blocked; numpy's strided copy is slow
         else:
             np.copyto(buf.x, x.T)
         if prof is not None:
@@ -130,23 +150,27 @@ class SparseMLP:
         threads = numba.get_num_threads()
         last = len(self.layers) - 1
         buf.plans = self.blocking_plans(buf.batch)  # the backward pass of this step uses them too
+        buf.keys = []
         for l, layer in enumerate(self.layers):
             plan = buf.plans[l]
-            bounds, seg = layer.part_index(plan.n_blocks, threads)
+            bounds, seg = layer.part_index(plan.forward_blocks, threads)
             w = layer.weight
             if l == last:
-                kf.forward_linear(seg, bounds, plan.n_blocks, w.indices, w.data, a_prev, layer.bias, plan.chunk,
-                                  buf.z[l])
+                kf.forward_linear(seg, bounds, plan.forward_blocks, w.indices, w.data, a_prev, layer.bias, plan.chunk,
+                                  buf.logits)
             else:
                 f = self.activations[l]
                 key = (np.uint64((int(dropout_key) + l * 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF)
                        if p > 0 else np.uint64(0))
-                kf.forward_act(seg, bounds, plan.n_blocks, w.indices, w.data, a_prev, layer.bias, plan.chunk,
-                               buf.z[l], f.kind, np.float32(f.slope), threshold, scale, key, buf.a[l], buf.keep[l])
+                buf.keys.append(key)
+                block_rows = int(np.diff(bounds[::threads]).max())
+                acc = buf.scratch("acc", block_rows, plan.chunk)
+                kf.forward_act(seg, bounds, plan.forward_blocks, w.indices, w.data, a_prev, layer.bias, plan.chunk, acc,
+                               f.kind, np.float32(f.slope), threshold, scale, key, buf.a[l], buf.zinfo[l])
                 a_prev = buf.a[l]
             if prof is not None:
                 t0 = prof.lap(f"forward[{l}]", t0)
-        return buf.z[last]
+        return buf.logits
 
     def _backward(self, buf: Buffers, use_dropout: bool, sgd: SGD | None,
                   grads: list[np.ndarray] | None) -> None:
@@ -155,9 +179,12 @@ class SparseMLP:
         prof = self.profile
         t0 = time.perf_counter() if prof is not None else 0.0
         scale = np.float32(1.0 / (1.0 - self.dropout)) if use_dropout else np.float32(1.0)
+        threshold = np.uint64(int(self.dropout * 2.0 ** 32)) if use_dropout else np.uint64(0)
         threads = numba.get_num_threads()
         top = len(self.layers) - 1
-        kb.row_sums(buf.delta[top], buf.gbias[top])
+        kb.row_sums(buf.dlogits, buf.gbias[top])
+        if buf.delta[top] is not buf.dlogits:
+            buf.delta[top][...] = to_bfloat16(buf.dlogits)
         if sgd is not None:
             lr, mu, dec = np.float32(sgd.lr), np.float32(sgd.momentum), np.float32(sgd.weight_decay)
         for l in range(top, -1, -1):
@@ -166,17 +193,22 @@ class SparseMLP:
             plan = buf.plans[l]
             _, seg = layer.part_index(plan.n_blocks, threads)
             a_prev = buf.a[l - 1] if l > 0 else buf.x
+            if l > 0:
+                f = self.activations[l - 1]
+                out = buf.delta[l - 1]
+                # the sums over column blocks are accumulated in float32: in out itself, or in scratch
+                acc = out if out.dtype == np.float32 else buf.scratch("acc", out.shape[0], plan.chunk)
+                act_args = (buf.zinfo[l - 1], f.kind, np.float32(f.slope), scale,
+                            buf.keys[l - 1] if use_dropout else np.uint64(0), threshold)
             if sgd is not None:
                 # Nesterov needs the whole gradient before stepping: with a chunked batch it is
                 # collected in a scratch vector (4 bytes per weight, for this call only)
                 scratch = (np.empty(layer.nnz, np.float32) if sgd.nesterov and plan.chunk < buf.batch
                            else _NO_SCRATCH)
                 if l > 0:
-                    f = self.activations[l - 1]
                     kb.backward_act_sgd(seg, plan.n_blocks, w.indices, w.data, layer.w_velocity, scratch,
-                                        buf.delta[l], a_prev, buf.z[l - 1], buf.keep[l - 1], f.kind,
-                                        np.float32(f.slope), scale, use_dropout, lr, mu, dec, sgd.nesterov,
-                                        plan.chunk, buf.delta[l - 1], buf.gbias[l - 1])
+                                        buf.delta[l], a_prev, *act_args, lr, mu, dec, sgd.nesterov, plan.chunk, acc,
+                                        out, buf.gbias[l - 1])
                 else:
                     kb.sddmm_sgd(seg, plan.n_blocks, w.indices, w.data, layer.w_velocity, scratch, buf.delta[0],
                                  a_prev, lr, mu, dec, sgd.nesterov, plan.chunk)
@@ -188,10 +220,8 @@ class SparseMLP:
             else:
                 assert grads is not None
                 if l > 0:
-                    f = self.activations[l - 1]
                     kb.backward_act_grad(seg, plan.n_blocks, w.indices, w.data, grads[l], buf.delta[l], a_prev,
-                                         buf.z[l - 1], buf.keep[l - 1], f.kind, np.float32(f.slope), scale,
-                                         use_dropout, plan.chunk, buf.delta[l - 1], buf.gbias[l - 1])
+                                         *act_args, plan.chunk, acc, out, buf.gbias[l - 1])
                 else:
                     kb.sddmm_grad(seg, plan.n_blocks, w.indices, w.data, grads[0], buf.delta[0], a_prev, plan.chunk)
                 if prof is not None:
@@ -206,7 +236,7 @@ class SparseMLP:
         use_dropout = dropout_key is not None and self.dropout > 0
         logits = self._forward(x, buf, dropout_key if use_dropout else None)
         t0 = time.perf_counter() if self.profile is not None else 0.0
-        softmax_xent(logits, y, buf.delta[-1], buf.losses, buf.correct)
+        softmax_xent(logits, y, buf.dlogits, buf.losses, buf.correct)
         if self.profile is not None:
             self.profile.lap("loss", t0)
         return buf, use_dropout
@@ -231,12 +261,13 @@ class SparseMLP:
 
     def last_batch(self) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
         """Inputs (width_l, B) and output deltas (width_{l+1}, B) of every layer from the most
-        recent training step, or None if there is none; RigL scores missing connections
-        from them. Note: ``delta`` of layer l is the gradient w.r.t. its pre-activation."""
+        recent training step, float32 (widened copies when stored as bfloat16), or None if
+        there is none; RigL scores missing connections from them. Note: ``delta`` of layer l
+        is the gradient w.r.t. its pre-activation."""
         buf = self._buffers.get(self._last_train_batch)
         if buf is None or buf.widths != self.widths:
             return None
-        return [buf.x] + buf.a, buf.delta
+        return [as_float32(a) for a in [buf.x] + buf.a], [as_float32(d) for d in buf.delta[:-1]] + [buf.dlogits]
 
     def predict_logits(self, x: np.ndarray) -> np.ndarray:
         """Logits (B, C) for x (B, n_in), without dropout. Returns a copy."""
@@ -250,7 +281,7 @@ class SparseMLP:
             xb, yb = x[lo:lo + batch_size], y[lo:lo + batch_size]
             buf = self._bufs(xb.shape[0])
             logits = self._forward(xb, buf, None)
-            softmax_xent(logits, yb, buf.delta[-1], buf.losses, buf.correct)
+            softmax_xent(logits, yb, buf.dlogits, buf.losses, buf.correct)
             loss += float(buf.losses.sum())
             hits += int(buf.correct.sum())
         return StepResult(loss, hits, int(x.shape[0]))
