@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpc_sparse.data.augment import max_shift_pixels, shift_flip
-from hpc_sparse.data.cache import Coordinate, load_cached
+from hpc_sparse.data.cache import Coordinate, Recipe, load_cached
 from hpc_sparse.data.partition import (
     AsyncBatches,
     batch_indices,
@@ -106,6 +106,15 @@ def load_dataset(name: str, path: str = "", test_path: str = "", preprocess: str
     """
     recipe = make_recipe(name, path, test_path, preprocess, n_train=n_train, n_test=n_test, n_features=n_features,
                          n_informative=n_informative, n_classes=n_classes, seed=seed, noise=noise)
+    return load_recipe(recipe, augment, cache_dir, coordinate)
+
+
+def load_recipe(recipe: Recipe, augment: bool = False, cache_dir: str = "",
+                coordinate: Coordinate | None = None) -> Dataset:
+    """The dataset of ``recipe`` (:func:`~hpc_sparse.data.recipes.make_recipe`, which finds the
+    sources and checks them without touching the cache), through the cache; other arguments as
+    :func:`load_dataset`."""
+    name = recipe.dataset
     loaded = load_cached(recipe, cache_dir, coordinate)
     a, info = loaded.arrays, loaded.info
     shape = tuple(info["image_shape"]) if info.get("image_shape") else None
@@ -113,5 +122,5 @@ def load_dataset(name: str, path: str = "", test_path: str = "", preprocess: str
                    str(info["source"]), shape, augment, tuple(loaded.notes))  # type: ignore[arg-type]
 
 
-__all__ = ["AsyncBatches", "Dataset", "batch_indices", "block_bounds", "epoch_permutation", "load_dataset",
+__all__ = ["AsyncBatches", "Dataset", "batch_indices", "block_bounds", "epoch_permutation", "load_dataset", "load_recipe",
            "position_in_epoch", "stealable", "steps_per_epoch", "updates_per_server_epoch"]

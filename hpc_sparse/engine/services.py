@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 
 from hpc_sparse.config import Config
-from hpc_sparse.data import Dataset, block_bounds, load_dataset
+from hpc_sparse.data import Dataset, block_bounds, load_recipe
+from hpc_sparse.data.recipes import make_recipe
+from hpc_sparse.engine.failure import agreed
 from hpc_sparse.parallel import comm as pc
 from hpc_sparse.parallel import node_build
 from hpc_sparse.sparse import SparseMLP
@@ -32,8 +34,14 @@ def load_data(cfg: Config, comm: Any = None) -> Dataset:
     (:func:`~hpc_sparse.data.load_dataset`). Collective over
     ``comm`` (None: this process alone): a missing cache entry is built once per node (or
     once, on a folder every rank sees) while the other ranks wait, then every rank maps it."""
-    coordinate = None if comm is None else node_build.coordinator(comm)
-    return load_dataset(**asdict(cfg.data), coordinate=coordinate)
+    args = asdict(cfg.data)
+    augment, cache_dir = args.pop("augment"), args.pop("cache_dir")
+    if comm is None:
+        return load_recipe(make_recipe(**args), augment, cache_dir)
+    # Finding the sources takes no collective, so its errors (a missing folder or file) are
+    # agreed before the cache's collectives: one line and status 2, not one line per rank.
+    recipe = agreed(comm, lambda: make_recipe(**args))
+    return load_recipe(recipe, augment, cache_dir, node_build.coordinator(comm))
 
 
 def evaluate(model: SparseMLP, data: Dataset, comm: Any, batch_size: int, polled: bool = False

@@ -122,3 +122,21 @@ def test_a_cache_that_cannot_be_written_loads_on_every_rank_without_it(comm, run
     d = load(comm, train, test, blocker / "cache")
     assert d.notes[0].startswith("data cache: not used (cannot write the data cache")
     assert d.x_train.flags.writeable and same_on_every_rank(comm, float(d.x_train.sum()))
+
+
+def test_a_data_file_missing_on_some_ranks_is_one_error_on_every_rank(comm, run_dir):
+    """The engine's load_data agrees on the sources before the cache's collectives: a file that
+    the last rank does not see (a node-local path) raises the same one-line error on every rank
+    instead of one error per rank, an MPI_Abort, or ranks left waiting in the cache build."""
+    from hpc_sparse.config import load_config
+    from hpc_sparse.engine.services import load_data
+
+    train, test = write_data(comm, run_dir)
+    seen = run_dir / "missing.npz" if comm.rank == comm.size - 1 else train
+    cfg = load_config(None, ['data.name="file"', f'data.path="{seen}"', f'data.test_path="{test}"',
+                             f'data.cache_dir="{run_dir / "cache"}"'])
+    with pytest.raises(UserError) as info:
+        load_data(cfg, comm)
+    assert info.value.every_rank and "missing.npz" in str(info.value), str(info.value)
+    assert same_on_every_rank(comm, str(info.value))
+    assert not (run_dir / "cache").exists() or not any((run_dir / "cache").iterdir())  # no build began
