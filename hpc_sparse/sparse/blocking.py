@@ -71,8 +71,8 @@ blocks lose there, so the cap stays."""
 class CostModel:
     """Rates of the time estimate, per thread, measured on this project's 2-core VM (AMD EPYC,
     Zen 3, 32 MB L3) in CPU time at one thread, on 10,000- and 95,000-wide layers at batch 128
-    (the README's "Cost per connection" section has the predicted and measured times of every
-    width). Only their ratios decide a plan."""
+    (docs/performance.md, "Cost per connection as layers widen", has the predicted and
+    measured times of every width). Only their ratios decide a plan."""
 
     stream_bps: float = 20e9
     """Sequential DRAM bytes per second (the input side streamed 3, 6 or 12 times per pass cost
