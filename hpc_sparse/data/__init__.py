@@ -5,7 +5,9 @@ Never sees a communicator; rank-dependent selection is done with the pure functi
 :mod:`hpc_sparse.data.partition`, and which process builds a cache is decided by a
 ``coordinate`` callable passed in (serial default; the MPI one is in
 :mod:`hpc_sparse.parallel.node_build`). Takes plain arguments (it does not know the config
-classes): the engine calls ``load_dataset(**dataclasses.asdict(cfg.data), coordinate=...)``.
+classes): :func:`load_dataset` takes ``dataclasses.asdict(cfg.data)``; the engine calls its two
+halves, :func:`~hpc_sparse.data.recipes.make_recipe` and :func:`load_recipe`, so that a missing
+source is agreed by the ranks before the cache's collectives.
 """
 
 from __future__ import annotations
